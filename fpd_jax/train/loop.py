@@ -1,0 +1,117 @@
+"""The one training loop every stage uses: resume, step, log, check finiteness, checkpoint.
+
+A stage supplies a pure jitted `step(state, batch, rng) -> (state, metrics)`, a way to build the initial state and
+the batch of a given step. Data order and randomness are functions of the step (the batch of step s is
+`batch_fn(s)`, its key `fold_in(rng, s)`), so a resumed run continues exactly like an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax.errors import UserError
+
+
+class NonFiniteLossError(UserError):
+  """A loss or metric became NaN/Inf; the state of that step is never checkpointed."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  """Loop settings (from `config.train`)."""
+  num_steps: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  log_every: int
+  batch_size: int  # For the images/s figure only.
+
+
+def loop_config(config, stage_cfg) -> LoopConfig:
+  """Builds the loop settings of a stage from the global `train` section and the stage's section."""
+  return LoopConfig(num_steps=stage_cfg.num_steps, checkpoint_every=config.train.checkpoint_every,
+                    keep_checkpoints=config.train.keep_checkpoints, log_every=config.train.log_every,
+                    batch_size=stage_cfg.batch_size)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops rows written after `last_step` (by a run that died before its next checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)['step'] <= last_step]
+  with open(path, 'w') as f:
+    f.writelines(rows)
+
+
+def _host(metrics: dict) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any],
+        step_fn: Callable[[Any, Any, jax.Array], tuple[Any, dict]], batch_fn: Callable[[int], Any],
+        rng: jax.Array, on_checkpoint: Callable[[int, Any], None] | None = None) -> Any:
+  """Trains a stage to `cfg.num_steps`, resuming from its latest checkpoint, and returns the final state.
+
+  Args:
+    name: stage name (progress bar, messages).
+    stage_dir: `DIR/<stage>`; checkpoints go to `checkpoints/`, rows to `metrics.jsonl`.
+    cfg: loop settings.
+    init_state: builds the initial state pytree (a dict with 'step'); also the restore target.
+    step_fn: the jitted pure train step. Its metrics must include 'loss'.
+    batch_fn: step -> batch.
+    rng: the stage's root key; step s uses `fold_in(rng, s)`.
+    on_checkpoint: optional hook called after each save.
+
+  Raises:
+    NonFiniteLossError: a metric of some step was NaN/Inf (that state is not saved; earlier checkpoints stay).
+  """
+  os.makedirs(stage_dir, exist_ok=True)
+  metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
+  mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), cfg.keep_checkpoints)
+  state = init_state()
+  start, state = ckpt_lib.restore_latest(mngr, state)
+  start = 0 if start is None else start
+  _truncate_metrics(metrics_path, start)
+  if start:
+    print(f'[{name}] resuming from step {start}')
+
+  bar = tqdm(total=cfg.num_steps, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
+  window_t, window_steps = time.perf_counter(), 0
+  with open(metrics_path, 'a') as log:
+    for step in range(start, cfg.num_steps):
+      state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
+      metrics = _host(metrics)
+      bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+      if bad:
+        mngr.wait_until_finished()
+        raise NonFiniteLossError(
+            f'stage {name}: non-finite {", ".join(bad)} at step {step + 1} '
+            f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); nothing was saved from this step, the last good '
+            f'checkpoint is step {mngr.latest_step()}. Lower the learning rate or check the inputs.')
+      done = step + 1
+      window_steps += 1
+      bar.update(1)
+      if done % cfg.log_every == 0 or done == cfg.num_steps:
+        elapsed = time.perf_counter() - window_t
+        row = {'step': done, **metrics, 'steps_per_sec': window_steps / elapsed,
+               'images_per_sec': window_steps * cfg.batch_size / elapsed}
+        log.write(json.dumps(row) + '\n')
+        log.flush()
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{row["images_per_sec"]:.0f}')
+        window_t, window_steps = time.perf_counter(), 0
+      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+        mngr.save(done, args=ckpt_lib.ocp.args.StandardSave(state))
+        if on_checkpoint:
+          on_checkpoint(done, state)
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  return state

@@ -1,0 +1,86 @@
+"""Stage `teacher`: trains the class-conditional MaskGIT transformer on the tokenizer's tokens (DESIGN.md §1.1).
+
+Each step: sample r ~ U[0,1), mask `ceil(gamma(r) * N)` tokens, drop the condition to the null one with
+probability `p_uncond` (for CFG), and minimise label-smoothed cross-entropy on the masked positions.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import mask_schedule
+from fpd_jax.data import mnist
+from fpd_jax.models import build
+from fpd_jax.train import loop
+from fpd_jax.train import optim
+from fpd_jax.train import tokenizer as tokenizer_stage
+
+
+def masked_token_loss(model, params, tokens, cond, rng, *, label_smoothing: float, p_uncond: float,
+                      schedule: str, deterministic: bool = False):
+  """Label-smoothed cross-entropy of the masked positions, and accuracy on them."""
+  mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
+  mask = mask_schedule.random_mask(mask_rng, *tokens.shape, method=schedule)
+  inputs = jnp.where(mask, model.mask_id, tokens)
+  cond = model.conditioner.drop(cond, drop_rng, p_uncond)
+  logits = model.logits(params, inputs, cond, deterministic=deterministic, dropout_rng=dropout_rng)
+  targets = optax.smooth_labels(jax.nn.one_hot(tokens, model.codebook_size), label_smoothing)
+  xent = optax.softmax_cross_entropy(logits, targets)
+  weights = mask.astype(jnp.float32)
+  loss = jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == tokens) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return loss, {'loss': loss, 'masked_accuracy': accuracy}
+
+
+def make_train_step(model, tx, cfg):
+  """The pure, jitted teacher train step `(state, batch, rng) -> (state, metrics)`."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, batch, rng):
+    def loss_fn(params):
+      return masked_token_loss(model, params, batch['tokens'], batch['label'], rng,
+                               label_smoothing=cfg.label_smoothing, p_uncond=cfg.p_uncond,
+                               schedule=cfg.mask_schedule)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+  return step
+
+
+def run(config, workdir: str) -> dict:
+  """Trains the teacher on tokens of the train split and exports its parameters to `DIR/teacher/export`."""
+  stage_dir = os.path.join(workdir, 'teacher')
+  data_dir = os.path.join(workdir, 'data')
+  cfg = config.teacher
+  model = build.teacher(config)
+  num_tokens = build.token_grid(config) ** 2
+  tokens, labels = tokenizer_stage.tokenize_split(config, workdir, 'train')
+  batches = mnist.batch_dataset(mnist.ArraySource({'tokens': tokens, 'label': labels}), cfg.batch_size,
+                                seed=config.seed + 2)
+  tx = optim.make_optimizer(cfg, config.train.grad_clip)
+  init_rng, rng = jax.random.split(jax.random.key(config.seed + 2))
+
+  def init_state():
+    params = model.init(init_rng, num_tokens, jnp.zeros((1,), jnp.int32))['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  state = loop.run('teacher', stage_dir, loop.loop_config(config, cfg), init_state,
+                   make_train_step(model, tx, cfg), lambda s: batches[s], rng)
+  ckpt_lib.export(os.path.join(stage_dir, 'export'), state['params'], {'config': config.to_dict()})
+  return {'steps': cfg.num_steps, 'num_params': int(sum(np.size(x) for x in jax.tree.leaves(state['params'])))}
+
+
+def load(config, workdir: str):
+  """(model, params) of the trained teacher."""
+  model = build.teacher(config)
+  target = jax.eval_shape(lambda: model.init(jax.random.key(0), build.token_grid(config) ** 2,
+                                             jnp.zeros((1,), jnp.int32))['params'])
+  return model, ckpt_lib.load_export(os.path.join(workdir, 'teacher', 'export'), target, 'the teacher')

@@ -1,0 +1,89 @@
+"""Mask schedule and MaskGIT decoding invariants."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpd_jax import conditioning
+from fpd_jax import mask_schedule
+from fpd_jax import sampling
+from fpd_jax.models import maskgit
+
+K, N = 16, 12
+
+
+@pytest.fixture(scope='module')
+def model_and_params():
+  cond = conditioning.ClassConditioner(codebook_size=K, num_classes=3)
+  model = maskgit.MaskGITModel(maskgit.Transformer(vocab_size=K + 4 + 1, hidden_size=32, num_layers=1,
+                                                   num_heads=2, mlp_dim=64, max_position_embeddings=N + 1),
+                               cond, codebook_size=K)
+  return model, model.init(jax.random.key(0), N, jnp.zeros((1,), jnp.int32))['params']
+
+
+def test_cosine_schedule_values():
+  np.testing.assert_allclose(mask_schedule.gamma(0.0), 1.0)
+  np.testing.assert_allclose(mask_schedule.gamma(0.5), math.cos(math.pi / 4), rtol=1e-6)
+  np.testing.assert_allclose(mask_schedule.gamma(1.0), 1e-6)  # Clipped like the reference.
+  ratios = jnp.linspace(0, 1, 11)
+  assert np.all(np.diff(mask_schedule.gamma(ratios)) <= 0)
+  with pytest.raises(ValueError, match='Unknown mask schedule'):
+    mask_schedule.gamma(0.3, 'nope')
+
+
+def test_random_mask_counts_follow_gamma():
+  mask = mask_schedule.random_mask(jax.random.key(3), 512, 49)
+  counts = np.asarray(mask.sum(-1))
+  assert counts.min() >= 1 and counts.max() <= 49
+  # r ~ U[0,1): E[ceil(cos(pi r / 2) * 49)] ~= 49 * 2/pi + 0.5.
+  assert abs(counts.mean() - (49 * 2 / math.pi + 0.5)) < 1.5
+  exact = mask_schedule.mask_random_positions(jax.random.key(1), jnp.array([[0], [3], [7]]), (3, 7))
+  np.testing.assert_array_equal(exact.sum(-1), [0, 3, 7])
+
+
+@pytest.mark.parametrize('steps', [1, 4, 8])
+def test_decode_masked_count_follows_schedule(model_and_params, steps):
+  model, params = model_and_params
+  labels = jnp.array([0, 1, 2, 1])
+  tokens, trace = sampling.iterative_decode(model, params, labels, jax.random.key(1), num_tokens=N,
+                                            num_steps=steps, return_trace=True)
+  masked = np.asarray((trace == model.mask_id).sum(-1))  # [B, T]
+  unknown = N
+  for t in range(steps - 1):
+    expected = math.floor(N * math.cos(math.pi / 2 * (t + 1) / steps))
+    expected = max(1, min(unknown - 1, expected))
+    np.testing.assert_array_equal(masked[:, t], expected)
+    unknown = expected
+  assert (masked[:, -1] == 0).all() and (tokens != model.mask_id).all()
+  assert tokens.min() >= 0 and tokens.max() < K
+
+
+def test_decode_never_changes_known_tokens(model_and_params):
+  model, params = model_and_params
+  labels = jnp.array([0, 1, 2])
+  init = jax.random.randint(jax.random.key(5), (3, N), 0, K)
+  known = jax.random.bernoulli(jax.random.key(6), 0.5, (3, N))
+  init = jnp.where(known, init, model.mask_id)
+  tokens, trace = sampling.iterative_decode(model, params, labels, jax.random.key(2), num_tokens=N, num_steps=4,
+                                            init_tokens=init, return_trace=True)
+  for t in range(4):
+    np.testing.assert_array_equal(jnp.where(known, trace[:, t], -7), jnp.where(known, init, -7))
+  np.testing.assert_array_equal(jnp.where(known, tokens, -7), jnp.where(known, init, -7))
+  # Once unmasked, a token is never changed by a later step.
+  for t in range(1, 4):
+    decided = trace[:, t - 1] != model.mask_id
+    np.testing.assert_array_equal(jnp.where(decided, trace[:, t], -7), jnp.where(decided, trace[:, t - 1], -7))
+
+
+def test_cfg_zero_equals_no_cfg(model_and_params):
+  model, params = model_and_params
+  labels = jnp.array([0, 1, 2, 0])
+  kwargs = dict(num_tokens=N, num_steps=4)
+  plain = sampling.iterative_decode(model, params, labels, jax.random.key(9), **kwargs)
+  cfg0 = sampling.iterative_decode(model, params, labels, jax.random.key(9), cfg_scale=0.0, **kwargs)
+  np.testing.assert_array_equal(plain, cfg0)
+  guided = sampling.iterative_decode(model, params, labels, jax.random.key(9), cfg_scale=3.0, **kwargs)
+  assert guided.shape == plain.shape
