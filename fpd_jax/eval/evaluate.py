@@ -21,6 +21,7 @@ from fpd_jax.eval import grid as grid_lib
 from fpd_jax.eval import metrics
 from fpd_jax.eval import report
 from fpd_jax.models import build
+from fpd_jax.train import distill as distill_stage
 from fpd_jax.train import eval_net as eval_net_stage
 from fpd_jax.train import teacher as teacher_stage
 from fpd_jax.train import tokenizer as tokenizer_stage
@@ -116,6 +117,8 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
                     class_grid(evaluator.real['image'], evaluator.real['label'], config.data.num_classes,
                                config.evaluate.grid_per_class))
   generators = teacher_generators(config, workdir)
+  if 'distill' in config.stages:
+    generators['student_1step'] = (1, distill_stage.student_generator(os.path.join(workdir, 'distill', 'export')))
   generators.update(extra_generators or {})
   models = {}
   for name, (steps, generate) in generators.items():

@@ -37,7 +37,7 @@ from fpd_jax.errors import UserError
 
 Array = jax.Array
 
-_GROUPS = 32  # GroupNorm groups of the reference; every width must be a multiple of it.
+RELEASED_NORM_GROUPS = 32  # GroupNorm groups of the reference; every width must be a multiple of it.
 _NORM_EPS = 1e-6
 
 
@@ -74,9 +74,9 @@ def upsample(x: Array) -> Array:
 # follow the reference exactly.
 
 
-def _group_norm(dtype: Any) -> nn.GroupNorm:
+def _group_norm(groups: int, dtype: Any) -> nn.GroupNorm:
   """The reference's normalisation layer (auto-named `GroupNorm_<i>` in the calling module)."""
-  return nn.GroupNorm(num_groups=_GROUPS, epsilon=_NORM_EPS, dtype=dtype)
+  return nn.GroupNorm(num_groups=groups, epsilon=_NORM_EPS, dtype=dtype)
 
 
 class ResBlock(nn.Module):
@@ -84,18 +84,20 @@ class ResBlock(nn.Module):
 
   Attributes:
     filters: Output width.
+    norm_groups: GroupNorm groups.
     dtype: Compute dtype.
   """
   filters: int
+  norm_groups: int = RELEASED_NORM_GROUPS
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     input_width = x.shape[-1]
     residual = x
-    h = nn.swish(_group_norm(self.dtype)(x))
+    h = nn.swish(_group_norm(self.norm_groups, self.dtype)(x))
     h = nn.Conv(self.filters, (3, 3), use_bias=False, dtype=self.dtype)(h)
-    h = nn.swish(_group_norm(self.dtype)(h))
+    h = nn.swish(_group_norm(self.norm_groups, self.dtype)(h))
     h = nn.Conv(self.filters, (3, 3), use_bias=False, dtype=self.dtype)(h)
     if input_width != self.filters:
       # Quirk of the reference: the width-changing shortcut projects the block OUTPUT, not its input.
@@ -111,12 +113,14 @@ class Encoder(nn.Module):
     channel_multipliers: Width multiplier per resolution level; L levels give L-1 downsamplings.
     num_res_blocks: ResBlocks per level (plus as many again at the lowest resolution).
     embedding_dim: Latent (codebook vector) size D.
+    norm_groups: GroupNorm groups.
     dtype: Compute dtype.
   """
   filters: int
   channel_multipliers: tuple[int, ...]
   num_res_blocks: int
   embedding_dim: int
+  norm_groups: int = RELEASED_NORM_GROUPS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -126,12 +130,12 @@ class Encoder(nn.Module):
     for level, multiplier in enumerate(self.channel_multipliers):
       width = self.filters * multiplier
       for _ in range(self.num_res_blocks):
-        x = ResBlock(width, dtype=self.dtype)(x)
+        x = ResBlock(width, self.norm_groups, dtype=self.dtype)(x)
       if level < num_levels - 1:
         x = downsample(x)
     for _ in range(self.num_res_blocks):
-      x = ResBlock(width, dtype=self.dtype)(x)
-    x = nn.swish(_group_norm(self.dtype)(x))
+      x = ResBlock(width, self.norm_groups, dtype=self.dtype)(x)
+    x = nn.swish(_group_norm(self.norm_groups, self.dtype)(x))
     return nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype)(x)
 
 
@@ -143,12 +147,14 @@ class Decoder(nn.Module):
     channel_multipliers: Width multiplier per resolution level (walked from the last to the first).
     num_res_blocks: ResBlocks per level (plus as many again at the lowest resolution).
     output_channels: Image channels (3 for the released model).
+    norm_groups: GroupNorm groups.
     dtype: Compute dtype.
   """
   filters: int
   channel_multipliers: tuple[int, ...]
   num_res_blocks: int
   output_channels: int = 3
+  norm_groups: int = RELEASED_NORM_GROUPS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -156,14 +162,14 @@ class Decoder(nn.Module):
     width = self.filters * self.channel_multipliers[-1]
     x = nn.Conv(width, (3, 3), dtype=self.dtype)(x)
     for _ in range(self.num_res_blocks):
-      x = ResBlock(width, dtype=self.dtype)(x)
+      x = ResBlock(width, self.norm_groups, dtype=self.dtype)(x)
     for level in reversed(range(len(self.channel_multipliers))):
       width = self.filters * self.channel_multipliers[level]
       for _ in range(self.num_res_blocks):
-        x = ResBlock(width, dtype=self.dtype)(x)
+        x = ResBlock(width, self.norm_groups, dtype=self.dtype)(x)
       if level > 0:
         x = nn.Conv(width, (3, 3), dtype=self.dtype)(upsample(x))
-    x = nn.swish(_group_norm(self.dtype)(x))
+    x = nn.swish(_group_norm(self.norm_groups, self.dtype)(x))
     return nn.Conv(self.output_channels, (3, 3), dtype=self.dtype)(x)
 
 
@@ -232,13 +238,14 @@ class VQGAN(nn.Module):
   Defaults are the released ImageNet-256 model (256x256x3 -> 16x16 tokens, K=1024, D=256).
 
   Attributes:
-    filters: Base width (every filters * multiplier must be a multiple of 32 for GroupNorm).
+    filters: Base width (every filters * multiplier must be a multiple of norm_groups).
     channel_multipliers: Width multiplier per resolution level; len-1 downsamplings by 2.
     num_res_blocks: ResBlocks per level.
     embedding_dim: Codebook vector size D.
     codebook_size: Number of codes K.
     output_channels: Decoded image channels (3 released; 1 for the grey MNIST demo).
     commitment_cost: beta of the commitment loss.
+    norm_groups: GroupNorm groups (32 released; fewer lets small demo models use narrow layers).
     dtype: Compute dtype of the convolutions (parameters stay float32; quantization runs in float32).
   """
   filters: int = 128
@@ -248,13 +255,14 @@ class VQGAN(nn.Module):
   codebook_size: int = 1024
   output_channels: int = 3
   commitment_cost: float = 0.25
+  norm_groups: int = RELEASED_NORM_GROUPS
   dtype: Any = jnp.float32
 
   def setup(self):
     self.encoder = Encoder(self.filters, tuple(self.channel_multipliers), self.num_res_blocks,
-                           self.embedding_dim, dtype=self.dtype)
+                           self.embedding_dim, self.norm_groups, dtype=self.dtype)
     self.decoder = Decoder(self.filters, tuple(self.channel_multipliers), self.num_res_blocks,
-                           self.output_channels, dtype=self.dtype)
+                           self.output_channels, self.norm_groups, dtype=self.dtype)
     self.quantizer = VectorQuantizer(self.codebook_size, self.embedding_dim, self.commitment_cost)
 
   def encode(self, images: Array) -> tuple[Array, dict[str, Array]]:
@@ -293,7 +301,7 @@ def from_config(cfg: ml_collections.ConfigDict, output_channels: int, dtype: Any
 
   Args:
     cfg: Has filters, channel_multipliers, num_res_blocks, embedding_dim, codebook_size and optionally
-      commitment_cost (default 0.25).
+      commitment_cost (default 0.25) and norm_groups (default 32, the released value).
     output_channels: Image channels.
     dtype: Compute dtype.
 
@@ -308,6 +316,7 @@ def from_config(cfg: ml_collections.ConfigDict, output_channels: int, dtype: Any
       codebook_size=int(cfg.codebook_size),
       output_channels=int(output_channels),
       commitment_cost=float(cfg.get('commitment_cost', 0.25)),
+      norm_groups=int(cfg.get('norm_groups', RELEASED_NORM_GROUPS)),
       dtype=dtype)
 
 

@@ -22,7 +22,8 @@ from fpd_jax.train import optim
 
 def build_net(cfg, num_classes: int) -> classifier.ConvNet:
   """A classifier from a config section with `widths` and `feature_dim` (also used by feature encoders)."""
-  return classifier.ConvNet(widths=tuple(cfg.widths), feature_dim=cfg.feature_dim, num_classes=num_classes)
+  return classifier.ConvNet(widths=tuple(cfg.widths), feature_dim=cfg.feature_dim, num_classes=num_classes,
+                            convs_per_stage=cfg.get('convs_per_stage', 2))
 
 
 def make_train_step(net, tx):
@@ -74,7 +75,13 @@ def train_classifier(name: str, section, config, workdir: str) -> dict:
 
 
 def run(config, workdir: str) -> dict:
+  """Stage `eval_net`."""
   return train_classifier('eval_net', config.eval_net, config, workdir)
+
+
+def run_feature_net(config, workdir: str) -> dict:
+  """Stage `feature_net`: the drift loss's feature encoder (another architecture and seed than eval_net)."""
+  return train_classifier('feature_net', config.feature_net, config, workdir)
 
 
 def load(name: str, section, config, workdir: str):

@@ -34,11 +34,11 @@ class LoopConfig:
   batch_size: int  # For the images/s figure only.
 
 
-def loop_config(config, stage_cfg) -> LoopConfig:
+def loop_config(config, stage_cfg, batch_size: int | None = None) -> LoopConfig:
   """Builds the loop settings of a stage from the global `train` section and the stage's section."""
   return LoopConfig(num_steps=stage_cfg.num_steps, checkpoint_every=config.train.checkpoint_every,
                     keep_checkpoints=config.train.keep_checkpoints, log_every=config.train.log_every,
-                    batch_size=stage_cfg.batch_size)
+                    batch_size=batch_size or stage_cfg.batch_size)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:

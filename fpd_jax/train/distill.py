@@ -1,0 +1,168 @@
+"""Stage `distill`: Fixed-Point Distillation of the teacher into a one-step student (DESIGN.md §1.3).
+
+The student starts as a copy of the teacher. Optimizer state exists for the student (and the discriminator when
+the GAN is on) only; the teacher, tokenizer and feature encoder are frozen parameters passed into the jitted step.
+The EMA student is exported, with the tokenizer, as a standalone Orbax checkpoint that `fpd_jax.sample` loads
+without the teacher: `DIR/distill/export` + `export_meta.json`.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sampling
+from fpd_jax.data import mnist
+from fpd_jax.distill import fpd
+from fpd_jax.distill import gan as gan_lib
+from fpd_jax.errors import UserError
+from fpd_jax.models import build
+from fpd_jax.models import feature_encoder
+from fpd_jax.train import eval_net as eval_net_stage
+from fpd_jax.train import loop
+from fpd_jax.train import optim
+from fpd_jax.train import teacher as teacher_stage
+from fpd_jax.train import tokenizer as tokenizer_stage
+
+DRIFT_SPACES = ('features', 'pixels')
+
+
+def batch_size(cfg) -> int:
+  return cfg.groups_per_batch * cfg.samples_per_group
+
+
+def validate(config) -> None:
+  """Fails fast on distill settings no step can run with."""
+  cfg = config.distill
+  if cfg.drift_space not in DRIFT_SPACES:
+    raise UserError(f'config.distill.drift_space={cfg.drift_space!r}; choose one of {DRIFT_SPACES}.')
+  if cfg.refine_source not in fpd.REFINE_SOURCES:
+    raise UserError(f'config.distill.refine_source={cfg.refine_source!r}; choose one of {fpd.REFINE_SOURCES}.')
+  if cfg.lift not in ('ste', 'soft'):
+    raise UserError(f"config.distill.lift={cfg.lift!r}; choose 'ste' or 'soft'.")
+  if cfg.samples_per_group < 2 or cfg.groups_per_batch < 1:
+    raise UserError('config.distill.samples_per_group must be >= 2 (the drift loss needs negatives) and '
+                    'groups_per_batch >= 1.')
+  if cfg.num_steps <= 0:
+    raise UserError(f'config.distill.num_steps must be > 0 (got {cfg.num_steps}).')
+  lo, hi = cfg.remask_range
+  if not 0.0 < lo <= hi <= 1.0:
+    raise UserError(f'config.distill.remask_range={tuple(cfg.remask_range)} must satisfy 0 < lo <= hi <= 1.')
+
+
+def feature_encoder_for(config, workdir: str):
+  """(encoder, params) of the drift feature space: the trained feature_net, or pixels for the ablation."""
+  cfg = config.distill
+  if cfg.drift_space == 'pixels':
+    return feature_encoder.PixelFeatures(cfg.pixel_grid), {}
+  net, params, _ = eval_net_stage.load('feature_net', config.feature_net, config, workdir)
+  return feature_encoder.ConvNetFeatures(net, tuple(cfg.feature_layers), cfg.feature_grid), params
+
+
+def condition_batch(seed: int, step: int, num_classes: int, cfg) -> np.ndarray:
+  """Labels of a step, grouped: `groups_per_batch` classes, each repeated `samples_per_group` times."""
+  rng = np.random.default_rng([seed, step])
+  classes = rng.choice(num_classes, cfg.groups_per_batch, replace=cfg.groups_per_batch > num_classes)
+  return np.repeat(classes, cfg.samples_per_group).astype(np.int32)
+
+
+def make_train_step(models: fpd.FPDModels, tx, disc_tx, cfg):
+  """The pure FPD train step `(state, frozen_params, batch, rng) -> (state, metrics)`, jitted once."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, frozen_params, batch, rng):
+    loss_rng, _ = jax.random.split(rng)
+    disc_params = state.get('disc_params', {})
+    grad_fn = jax.value_and_grad(fpd.fpd_loss, has_aux=True)
+    (_, (metrics, fake)), grads = grad_fn(state['params'], disc_params, frozen_params, models,
+                                          batch['label'], loss_rng, cfg)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state['ema_params'], params)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'ema_params': ema}
+    if cfg.gan.enabled:
+      def disc_loss(d_params):
+        real = models.discriminator.apply({'params': d_params}, batch['image'])
+        fake_logits = models.discriminator.apply({'params': d_params}, fake)
+        return gan_lib.discriminator_loss(real, fake_logits, cfg.gan.loss)
+      d_loss, d_grads = jax.value_and_grad(disc_loss)(disc_params)
+      d_updates, d_opt_state = disc_tx.update(d_grads, state['disc_opt_state'], disc_params)
+      new_state['disc_params'] = optax.apply_updates(disc_params, d_updates)
+      new_state['disc_opt_state'] = d_opt_state
+      metrics['gan_discriminator'] = d_loss
+    return new_state, metrics
+
+  return step
+
+
+def build_models(config, features) -> fpd.FPDModels:
+  return fpd.FPDModels(teacher=build.teacher(config), tokenizer=build.tokenizer(config), features=features,
+                       discriminator=gan_lib.Discriminator(tuple(config.distill.gan.widths)),
+                       grid=build.token_grid(config))
+
+
+def run(config, workdir: str, stage_dir: str | None = None) -> dict:
+  """Distills the trained teacher; exports the EMA student (+ tokenizer) to `<stage_dir>/export`."""
+  validate(config)
+  cfg = config.distill
+  stage_dir = stage_dir or os.path.join(workdir, 'distill')
+  _, teacher_params = teacher_stage.load(config, workdir)
+  _, tokenizer_params = tokenizer_stage.load(config, workdir)
+  features, feature_params = feature_encoder_for(config, workdir)
+  models = build_models(config, features)
+  frozen_params = {'teacher': teacher_params, 'tokenizer': tokenizer_params, 'features': feature_params}
+  tx = optim.make_optimizer(cfg, config.train.grad_clip)
+  gan_cfg = ml_collections.ConfigDict({'learning_rate': cfg.gan.learning_rate, 'num_steps': cfg.num_steps})
+  disc_tx = optim.make_optimizer(gan_cfg, config.train.grad_clip)
+  init_rng, rng = jax.random.split(jax.random.key(config.seed + 5))
+  size, channels = config.data.image_size, config.data.channels
+  reals = None
+  if cfg.gan.enabled:
+    reals = mnist.batch_dataset(mnist.data_source(os.path.join(workdir, 'data'), 'train'), batch_size(cfg),
+                                seed=config.seed + 6)
+
+  def init_state():
+    params = jax.tree.map(jnp.copy, teacher_params)  # The student starts as the teacher.
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+             'ema_params': jax.tree.map(jnp.copy, params)}
+    if cfg.gan.enabled:
+      disc = models.discriminator.init(init_rng, jnp.zeros((1, size, size, channels)))['params']
+      state.update(disc_params=disc, disc_opt_state=disc_tx.init(disc))
+    return state
+
+  def batch_fn(step):
+    batch = {'label': condition_batch(config.seed + 5, step, config.data.num_classes, cfg)}
+    if reals is not None:
+      batch['image'] = reals[step]['image']
+    return batch
+
+  step = make_train_step(models, tx, disc_tx, cfg)
+  state = loop.run(os.path.basename(stage_dir), stage_dir, loop.loop_config(config, cfg, batch_size(cfg)),
+                   init_state, lambda s, b, r: step(s, frozen_params, b, r), batch_fn, rng)
+  ckpt_lib.export(os.path.join(stage_dir, 'export'),
+                  {'student': state['ema_params'], 'tokenizer': tokenizer_params}, {'config': config.to_dict()})
+  return {'steps': cfg.num_steps, 'batch_size': batch_size(cfg)}
+
+
+def load_student(export_dir: str):
+  """(config, student model, student params, tokenizer, tokenizer params) from a standalone student export."""
+  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export_dir)['config'])
+  model, tokenizer = build.teacher(config), build.tokenizer(config)
+  target = jax.eval_shape(lambda: {
+      'student': model.init(jax.random.key(0), build.token_grid(config) ** 2, jnp.zeros((1,), jnp.int32))['params'],
+      'tokenizer': tokenizer_stage.init_params(config, jax.random.key(0))})
+  params = ckpt_lib.load_export(export_dir, target, 'the distilled student')
+  return config, model, params['student'], tokenizer, params['tokenizer']
+
+
+def student_generator(export_dir: str):
+  """A generator `(labels, rng) -> images` of the exported one-step student (for evaluation)."""
+  config, model, params, tokenizer, tokenizer_params = load_student(export_dir)
+  sample = sampling.student_image_sampler(model, tokenizer, build.token_grid(config), config.distill)
+  return lambda labels, rng: sample(params, tokenizer_params, labels, rng)
