@@ -127,6 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # Checkpoints kept per stage.
   c.train.log_every = 50  # Steps between rows of <stage>/metrics.jsonl.
   c.train.grad_clip = 1.0  # Global-norm gradient clipping.
+  c.train.inject_nan_at_step = 0  # Test hook: treat the loss of this step as NaN (0 = off).
 
   if arg == 'tiny':
     _make_tiny(c)

@@ -69,7 +69,8 @@ def abstract(tree):
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the `keep` newest steps. Saves are atomic (temporary dir, then rename)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[int | None, Any]:
@@ -114,9 +115,11 @@ def load_export(directory: str, target, what: str):
   return ckptr.restore(directory, abstract(target))
 
 
-def load_export_meta(directory: str) -> dict:
+def load_export_meta(directory: str, what: str = 'the export') -> dict:
   """The JSON written beside an export."""
   path = os.path.abspath(directory) + '_meta.json'
+  if not os.path.isdir(directory):
+    raise UserError(f'{what} not found at {os.path.abspath(directory)}; run the stage that writes it first.')
   if not os.path.exists(path):
     raise UserError(f'{path} is missing; the export at {directory} is incomplete. Rerun the stage.')
   with open(path) as f:

@@ -10,14 +10,13 @@ skips finished stages and resumes an interrupted one from its latest checkpoint.
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from fpd_jax import cli
 from fpd_jax import stages
 from fpd_jax.errors import UserError
 
@@ -57,16 +56,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  if not config.get('verbose', False):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  try:
-    run_pipeline(config, _WORKDIR.value)
-  except UserError as e:
-    if config.get('verbose', False):
-      raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  cli.run_user_command(lambda: run_pipeline(config, _WORKDIR.value), config.get('verbose', False))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

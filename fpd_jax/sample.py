@@ -8,7 +8,6 @@ The models' config is read from the workdir's exports; no config flag is needed.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -17,16 +16,20 @@ import ml_collections
 import numpy as np
 
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import cli
 from fpd_jax import sampling
 from fpd_jax.errors import UserError
 from fpd_jax.eval import grid as grid_lib
 from fpd_jax.models import build
+from fpd_jax.train import distill as distill_stage
 from fpd_jax.train import teacher as teacher_stage
 from fpd_jax.train import tokenizer as tokenizer_stage
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished `fpd_jax.main` run.')
-_MODEL = flags.DEFINE_enum('model', 'teacher', ['teacher'], 'Which model to sample.')
-_STEPS = flags.DEFINE_integer('steps', 8, 'Decoding steps (teacher).')
+_MODEL = flags.DEFINE_enum('model', 'teacher', ['teacher', 'student'],
+                           'teacher: iterative MaskGIT decoding; student: the distilled one-step generator (loaded '
+                           'from DIR/distill/export alone, without the teacher).')
+_STEPS = flags.DEFINE_integer('steps', 8, 'Decoding steps (teacher only; the student always takes one).')
 _NUM = flags.DEFINE_integer('num', 100, 'Number of images (class-balanced).')
 _OUT = flags.DEFINE_string('out', None, 'Output file: NAME.npz (arrays) or NAME.png (grid, one row per class).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
@@ -35,26 +38,38 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
-def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir's teacher was trained with (stored beside its export)."""
-  meta = ckpt_lib.load_export_meta(os.path.join(workdir, 'teacher', 'export'))
-  return ml_collections.ConfigDict(meta['config'])
+def export_dir(workdir: str, model: str) -> str:
+  return os.path.join(workdir, 'distill' if model == 'student' else 'teacher', 'export')
+
+
+def workdir_config(workdir: str, model: str) -> ml_collections.ConfigDict:
+  """The config the model was trained with (stored beside its export)."""
+  return ml_collections.ConfigDict(ckpt_lib.load_export_meta(export_dir(workdir, model), f'the {model}')['config'])
+
+
+def sampler(workdir: str, model: str, steps: int):
+  """(config, generate(labels, rng) -> images in [0, 1]) for a workdir's teacher or student."""
+  if model == 'student':
+    config, student, params, tokenizer, tokenizer_params = distill_stage.load_student(export_dir(workdir, model))
+    sample = sampling.student_image_sampler(student, tokenizer, build.token_grid(config), config.distill)
+  else:
+    config = workdir_config(workdir, model)
+    teacher, params = teacher_stage.load(config, workdir)
+    tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
+    sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), steps, config.sampling)
+  return config, lambda labels, rng: sample(params, tokenizer_params, labels, rng)
 
 
 def generate(workdir: str, model: str, steps: int, num: int, seed: int, batch_size: int):
-  """(uint8 images [num, H, W, C], labels [num]) sampled from a workdir's model."""
+  """(uint8 images [num, H, W, C], labels [num], num_classes) sampled from a workdir's model."""
   if num <= 0 or steps <= 0 or batch_size <= 0:
     raise UserError(f'--num, --steps and --batch_size must be > 0 (got {num}, {steps}, {batch_size}).')
-  config = workdir_config(workdir)
-  teacher, teacher_params = teacher_stage.load(config, workdir)
-  tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
-  sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), steps, config.sampling)
+  config, sample = sampler(workdir, model, steps)
   labels = (np.arange(num) % config.data.num_classes).astype(np.int32)
   rng = jax.random.key(seed)
-  images = [np.asarray(sample(teacher_params, tokenizer_params, labels[i:i + batch_size],
-                              jax.random.fold_in(rng, i)))
+  images = [np.asarray(sample(labels[i:i + batch_size], jax.random.fold_in(rng, i)))
             for i in range(0, num, batch_size)]
-  return grid_lib.to_uint8(np.concatenate(images)), labels
+  return grid_lib.to_uint8(np.concatenate(images)), labels, config.data.num_classes
 
 
 def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
@@ -72,16 +87,15 @@ def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) ->
 
 def main(argv):
   del argv
-  try:
-    images, labels = generate(_WORKDIR.value, _MODEL.value, _STEPS.value, _NUM.value, _SEED.value, _BATCH.value)
-    write(_OUT.value, images, labels, workdir_config(_WORKDIR.value).data.num_classes)
+
+  def run():
+    images, labels, num_classes = generate(_WORKDIR.value, _MODEL.value, _STEPS.value, _NUM.value, _SEED.value,
+                                           _BATCH.value)
+    write(_OUT.value, images, labels, num_classes)
     print(f'wrote {len(images)} images to {_OUT.value}')
-  except UserError as e:
-    if _VERBOSE.value:
-      raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+
+  cli.run_user_command(run, _VERBOSE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

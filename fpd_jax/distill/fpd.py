@@ -70,6 +70,17 @@ def decode_embeddings(models: FPDModels, tokenizer_params, embeddings: jax.Array
   return models.tokenizer.apply({'params': tokenizer_params}, grid, method='decode')
 
 
+def fixed_point_gap(student_feats, target_feats) -> jax.Array:
+  """How far drafts are from their refinements: mean over layers of E||x - y||^2 / E||y||^2 (paired samples).
+
+  The drift loss itself is RMS-normalised (its value stays O(#bandwidths^2) by design), so this is the number to
+  watch: it goes to 0 as the student approaches the fixed point of corrupt-and-refine.
+  """
+  gaps = [jnp.sum(jnp.square(x - y)) / jnp.maximum(jnp.sum(jnp.square(y)), 1e-12)
+          for x, y in zip(student_feats, target_feats)]
+  return jax.lax.stop_gradient(sum(gaps) / len(gaps))
+
+
 def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels, cond, rng: jax.Array,
              cfg) -> tuple[jax.Array, tuple[dict, jax.Array]]:
   """The FPD loss of one batch of conditions (grouped contiguously by condition) and its metrics.
@@ -120,6 +131,7 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
   loss, per_layer = drift.multi_layer_drift_loss(student_feats, target_feats, num_groups,
                                                  tuple(cfg.temperatures))
   metrics = {f'drift_{j}': l for j, l in enumerate(per_layer)}
+  metrics['fixed_point_gap'] = fixed_point_gap(student_feats, target_feats)
   metrics['drift'] = loss
   metrics['refined_changed'] = jnp.mean((target != source) & mask) / jnp.maximum(jnp.mean(mask), 1e-6)
   # 7. Optional GAN: the generator gradient reaches the logits through the decoder and the STE.

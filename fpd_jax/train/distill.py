@@ -152,7 +152,7 @@ def run(config, workdir: str, stage_dir: str | None = None) -> dict:
 
 def load_student(export_dir: str):
   """(config, student model, student params, tokenizer, tokenizer params) from a standalone student export."""
-  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export_dir)['config'])
+  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export_dir, 'the distilled student')['config'])
   model, tokenizer = build.teacher(config), build.tokenizer(config)
   target = jax.eval_shape(lambda: {
       'student': model.init(jax.random.key(0), build.token_grid(config) ** 2, jnp.zeros((1,), jnp.int32))['params'],

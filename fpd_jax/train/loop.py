@@ -32,13 +32,15 @@ class LoopConfig:
   keep_checkpoints: int
   log_every: int
   batch_size: int  # For the images/s figure only.
+  inject_nan_at_step: int = 0  # Test hook: pretend the loss of this step (1-based) was NaN (0 = off).
 
 
 def loop_config(config, stage_cfg, batch_size: int | None = None) -> LoopConfig:
   """Builds the loop settings of a stage from the global `train` section and the stage's section."""
   return LoopConfig(num_steps=stage_cfg.num_steps, checkpoint_every=config.train.checkpoint_every,
                     keep_checkpoints=config.train.keep_checkpoints, log_every=config.train.log_every,
-                    batch_size=batch_size or stage_cfg.batch_size)
+                    batch_size=batch_size or stage_cfg.batch_size,
+                    inject_nan_at_step=config.train.get('inject_nan_at_step', 0))
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -89,6 +91,8 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
     for step in range(start, cfg.num_steps):
       state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
       metrics = _host(metrics)
+      if step + 1 == cfg.inject_nan_at_step:
+        metrics['loss'] = float('nan')
       bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
       if bad:
         mngr.wait_until_finished()

@@ -1,0 +1,100 @@
+"""The FPD step on the tiny demo config: refinement, frozen models, gradients, a few training steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from fpd_jax import sampling
+from fpd_jax.distill import fpd
+from fpd_jax.models import build
+from fpd_jax.models import feature_encoder
+from fpd_jax.train import distill
+from fpd_jax.train import eval_net
+from fpd_jax.train import optim
+from fpd_jax.train import tokenizer as tokenizer_stage
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = demo.get_config('tiny')
+  net = eval_net.build_net(config.feature_net, config.data.num_classes)
+  features = feature_encoder.ConvNetFeatures(net, tuple(config.distill.feature_layers), config.distill.feature_grid)
+  models = distill.build_models(config, features)
+  grid = build.token_grid(config)
+  keys = jax.random.split(jax.random.key(0), 3)
+  frozen = {
+      'teacher': models.teacher.init(keys[0], grid * grid, jnp.zeros((1,), jnp.int32))['params'],
+      'tokenizer': tokenizer_stage.init_params(config, keys[1]),
+      'features': eval_net.init_params(net, config, keys[2]),
+  }
+  labels = jnp.asarray(distill.condition_batch(0, 0, config.data.num_classes, config.distill))
+  return config, models, frozen, labels
+
+
+def test_corrupt_masks_requested_fraction():
+  tokens = jnp.arange(40).reshape(2, 20) % 7
+  corrupted, mask = fpd.corrupt(jax.random.key(0), tokens, 99, 0.5, 0.5)
+  np.testing.assert_array_equal(mask.sum(-1), [10, 10])
+  np.testing.assert_array_equal(jnp.where(mask, 99, tokens), corrupted)
+
+
+def test_refine_leaves_unmasked_positions_unchanged(setup):
+  config, models, frozen, labels = setup
+  n = models.grid ** 2
+  draft = jax.random.randint(jax.random.key(1), (labels.shape[0], n), 0, config.tokenizer.codebook_size)
+  corrupted, mask = fpd.corrupt(jax.random.key(2), draft, models.teacher.mask_id, 0.3, 0.7)
+  target = fpd.refine(models.teacher, frozen['teacher'], corrupted, mask, labels, jax.random.key(3),
+                      temperature=1.0, cfg_scale=0.0)
+  np.testing.assert_array_equal(jnp.where(mask, -1, target), jnp.where(mask, -1, draft))
+  assert (target != models.teacher.mask_id).all() and target.max() < config.tokenizer.codebook_size
+
+
+def test_frozen_models_get_no_gradient_and_no_optimizer_state(setup):
+  config, models, frozen, labels = setup
+
+  def loss_of_frozen(frozen_params):
+    return fpd.fpd_loss(frozen['teacher'], {}, frozen_params, models, labels, jax.random.key(4),
+                        config.distill)[0]
+
+  grads = jax.grad(loss_of_frozen)(frozen)
+  for name in ('teacher', 'tokenizer', 'features'):
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads[name])), name
+  # The student does get a gradient.
+  student_grads = jax.grad(lambda p: fpd.fpd_loss(p, {}, frozen, models, labels, jax.random.key(4),
+                                                  config.distill)[0])(frozen['teacher'])
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(student_grads)) > 0
+  # The train state holds optimizer state for the student only.
+  tx = optim.make_optimizer(config.distill, 1.0)
+  step = distill.make_train_step(models, tx, tx, config.distill)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': frozen['teacher'],
+           'opt_state': tx.init(frozen['teacher']), 'ema_params': frozen['teacher']}
+  state, metrics = step(jax.tree.map(jnp.copy, state), frozen, {'label': labels}, jax.random.key(5))
+  assert set(state) == {'step', 'params', 'opt_state', 'ema_params'}
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_loss_finite_and_fixed_point_gap_decreases(setup):
+  config, models, frozen, labels = setup
+  cfg = config.distill.copy_and_resolve_references()
+  cfg.learning_rate = 3e-3
+  cfg.warmup_steps = 0
+  cfg.num_steps = 100
+  tx = optim.make_optimizer(cfg, 1.0)
+  step = distill.make_train_step(models, tx, tx, cfg)
+  params = jax.tree.map(jnp.copy, frozen['teacher'])
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+           'ema_params': jax.tree.map(jnp.copy, params)}
+  gaps = []
+  for _ in range(8):  # Same batch and key each step: the student moves toward this batch's targets.
+    state, metrics = step(state, frozen, {'label': labels}, jax.random.key(6))
+    assert np.isfinite(float(metrics['loss']))
+    gaps.append(float(metrics['fixed_point_gap']))
+  assert gaps[-1] < gaps[0], gaps
+
+
+def test_one_step_generator_input_noise():
+  noise = sampling.student_input(jax.random.key(0), 4, 20, 16, 99, r_init=0.95)
+  np.testing.assert_array_equal((noise == 99).sum(-1), [19] * 4)
+  assert ((noise != 99) <= (noise < 16)).all()

