@@ -1,0 +1,103 @@
+r"""The paper's ablations on the demo, at equal budget: one distillation per variant, measured alike.
+
+  python -m fpd_jax.ablations --config=configs/demo.py --workdir=runs/demo
+
+Needs a workdir whose `data`, `tokenizer`, `teacher`, `eval_net` and `feature_net` stages are done (the demo
+command makes one; missing stages are run first). Each variant changes one switch of `config.distill` and trains
+for the same `config.distill.num_steps` from the same teacher, into `DIR/ablations/<variant>/`; the EMA student is
+then measured like `student_1step` of the report. Writes `DIR/ablations.json` and `DIR/ablations.md`, beside the
+direction the paper reports for each switch (DESIGN.md §1.4, GenEval with a MaskGen-L teacher).
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from fpd_jax import cli
+from fpd_jax import main as main_lib
+from fpd_jax.eval import evaluate
+from fpd_jax.train import distill
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir with the trained teacher (see the module docstring).')
+_ONLY = flags.DEFINE_list('only', None, 'Run only these variants (default: all).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# name -> (overrides of config.distill, what the paper reports for that switch).
+VARIANTS = {
+    'fpd': ({}, 'the method (GenEval 0.43)'),
+    'soft_embedding': ({'lift': 'soft'}, 'worse: 0.38 vs STE 0.43'),
+    'refine_random': ({'refine_source': 'random'}, 'much worse: 0.22 vs refining the draft 0.43'),
+    'pixel_space': ({'drift_space': 'pixels'}, 'much worse: 0.21 vs feature space 0.43'),
+    'single_bandwidth': ({'temperatures': (0.05,)}, 'slightly worse: 0.41 vs multi-bandwidth 0.43'),
+    'gan': ({'gan.enabled': True}, 'slightly better: +0.02'),
+}
+PREREQUISITES = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net')
+
+
+def variant_config(config, overrides: dict):
+  """A copy of `config` with `config.distill` overrides applied (dotted keys reach nested sections)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in overrides.items():
+      section = config.distill
+      *path, leaf = key.split('.')
+      for p in path:
+        section = section[p]
+      section[leaf] = value
+  return config
+
+
+def markdown(rows: dict, num_steps: int) -> str:
+  lines = ['# FPD ablations on the demo', '',
+           f'Each variant: {num_steps} distillation steps from the same teacher; EMA student, 1 step. FD and '
+           'accuracy in the evaluation network\'s space (FD lower is better).', '',
+           '| variant | change | FD | accuracy | precision | recall | seconds | paper (GenEval) |',
+           '|---|---|---|---|---|---|---|---|']
+  for name, r in rows.items():
+    change = ', '.join(f'{k}={v}' for k, v in VARIANTS[name][0].items()) or '-'
+    lines.append(f'| {name} | {change} | {r["fd"]:.3f} | {r["accuracy"]:.3f} | {r["precision"]:.3f} | '
+                 f'{r["recall"]:.3f} | {r["seconds"]:.0f} | {r["paper"]} |')
+  return '\n'.join(lines) + '\n'
+
+
+def run(config, workdir: str, only=None) -> dict:
+  """Trains and measures every variant; returns `{variant: metrics}` and writes the tables."""
+  prerequisites = config.copy_and_resolve_references()
+  with prerequisites.unlocked():
+    prerequisites.stages = PREREQUISITES
+  main_lib.run_pipeline(prerequisites, workdir)
+  evaluator = evaluate.Evaluator(config, workdir)
+  rows = {}
+  for name, (overrides, paper) in VARIANTS.items():
+    if only and name not in only:
+      continue
+    cfg = variant_config(config, overrides)
+    stage_dir = os.path.join(workdir, 'ablations', name)
+    start = time.perf_counter()
+    distill.run(cfg, workdir, stage_dir=stage_dir)
+    seconds = time.perf_counter() - start
+    row, _, _ = evaluator.measure(distill.student_generator(os.path.join(stage_dir, 'export')),
+                                  jax.random.key(config.seed + 100))
+    rows[name] = {**row, 'seconds': seconds, 'overrides': overrides, 'paper': paper}
+    print(f'[ablations] {name}: FD {row["fd"]:.3f}, accuracy {row["accuracy"]:.3f}')
+  with open(os.path.join(workdir, 'ablations.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+  with open(os.path.join(workdir, 'ablations.md'), 'w') as f:
+    f.write(markdown(rows, config.distill.num_steps))
+  return rows
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  cli.run_user_command(lambda: run(config, _WORKDIR.value, _ONLY.value), config.get('verbose', False))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,27 @@
+"""The ablation variants each change one switch of config.distill."""
+
+from configs import demo
+from fpd_jax import ablations
+from fpd_jax.train import distill
+
+
+def test_each_variant_changes_one_switch_and_validates():
+  base = demo.get_config()
+  for name, (overrides, paper) in ablations.VARIANTS.items():
+    config = ablations.variant_config(base, overrides)
+    distill.validate(config)
+    changed = {k for k in base.distill.keys() if base.distill[k] != config.distill[k]}
+    expected = {k.split('.')[0] for k in overrides}
+    assert changed == expected, name
+    assert paper
+  assert base.distill.lift == 'ste'  # The base config is untouched.
+  assert ablations.variant_config(base, {'gan.enabled': True}).distill.gan.enabled
+
+
+def test_markdown_lists_every_row():
+  rows = {name: {'fd': 1.0, 'accuracy': 0.9, 'precision': 0.8, 'recall': 0.7, 'seconds': 10.0, 'paper': p}
+          for name, (_, p) in ablations.VARIANTS.items()}
+  text = ablations.markdown(rows, 100)
+  for name in ablations.VARIANTS:
+    assert f'| {name} |' in text
+  assert 'lift=soft' in text
