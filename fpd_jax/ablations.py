@@ -19,7 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from fpd_jax import cli
-from fpd_jax import main as main_lib
+from fpd_jax import stages
 from fpd_jax.eval import evaluate
 from fpd_jax.train import distill
 
@@ -71,7 +71,7 @@ def run(config, workdir: str, only=None) -> dict:
   prerequisites = config.copy_and_resolve_references()
   with prerequisites.unlocked():
     prerequisites.stages = PREREQUISITES
-  main_lib.run_pipeline(prerequisites, workdir)
+  stages.run_pipeline(prerequisites, workdir)
   evaluator = evaluate.Evaluator(config, workdir)
   rows = {}
   for name, (overrides, paper) in VARIANTS.items():

@@ -1,6 +1,8 @@
-"""The pipeline's stages by name, and checks of a config before any of them runs."""
+"""The pipeline: its stages by name, checks of a config before any of them runs, and the runner."""
 
+import json
 import os
+import time
 
 from fpd_jax.data import mnist
 from fpd_jax.errors import UserError
@@ -46,6 +48,28 @@ def validate(config) -> None:
     raise UserError('config.evaluate.num_samples and every config.evaluate.teacher_steps must be > 0.')
 
 
-def finish(workdir: str, timings: dict) -> None:
-  """Adds the stage times to the report once all stages ran."""
-  report.add_timings(workdir, timings)
+def run_pipeline(config, workdir: str) -> dict:
+  """Runs every stage of `config.stages` not yet done; returns `{stage: seconds}`."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f'workdir {workdir} is not writable; pass another --workdir.')
+  timings = {}
+  for name in config.stages:
+    done_path = os.path.join(workdir, name, 'done.json')
+    if os.path.exists(done_path):
+      with open(done_path) as f:
+        timings[name] = json.load(f)['seconds']
+      print(f'[{name}] already done, skipping ({timings[name]:.1f} s)')
+      continue
+    print(f'[{name}] starting')
+    start = time.perf_counter()
+    summary = STAGES[name](config, workdir) or {}
+    timings[name] = time.perf_counter() - start
+    os.makedirs(os.path.dirname(done_path), exist_ok=True)
+    with open(done_path, 'w') as f:
+      json.dump({'seconds': timings[name], **summary}, f, indent=1)
+    print(f'[{name}] done in {timings[name]:.1f} s')
+  if 'evaluate' in config.stages:
+    report.add_timings(workdir, timings)
+  return timings

@@ -12,7 +12,7 @@ import pytest
 
 from configs import demo
 from fpd_jax import checkpoint as ckpt_lib
-from fpd_jax import main as main_lib
+from fpd_jax import stages
 from fpd_jax.errors import UserError
 from fpd_jax.train import loop
 from fpd_jax.train import teacher as teacher_stage
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny'))
   config = demo.get_config('tiny')
-  timings = main_lib.run_pipeline(config, workdir)
+  timings = stages.run_pipeline(config, workdir)
   return config, workdir, timings
 
 
@@ -57,7 +57,7 @@ def test_end_to_end_report_and_artifacts(tiny_run):
 
 def test_rerun_skips_finished_stages(tiny_run, capsys):
   config, workdir, _ = tiny_run
-  main_lib.run_pipeline(config, workdir)
+  stages.run_pipeline(config, workdir)
   out = capsys.readouterr().out
   assert all(f'[{s}] already done' in out for s in config.stages)
 
