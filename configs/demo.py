@@ -81,11 +81,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- Fixed-Point Distillation (DESIGN.md §1.2-1.3): the one-step student.
   c.distill = ml_collections.ConfigDict()
   c.distill.r_init = 0.95  # Fraction of the student's input positions holding the mask token (rest: random codes).
-  c.distill.student_sampling = 'gumbel'  # Draft tokens: 'gumbel' (Gumbel-max) or 'argmax'.
+  # Draft tokens: 'gumbel' (Gumbel-max at student_temperature) or 'argmax' (randomness from the input noise only).
+  # On the demo argmax drafts distil far better (FD 6.4 vs 7.9 at 300 steps, all else equal).
+  c.distill.student_sampling = 'argmax'
   c.distill.student_temperature = 1.0  # tau_s of the Gumbel-max draft (and of one-step inference).
-  c.distill.remask_range = (0.2, 0.6)  # r ~ U[lo, hi]: fraction of the draft re-masked before the teacher step.
-  c.distill.teacher_temperature = 1.0  # tau_T of the teacher's refinement sampling.
-  c.distill.teacher_cfg_scale = 0.0  # w_T of the teacher's refinement step.
+  c.distill.remask_range = (0.4, 0.8)  # r ~ U[lo, hi]: fraction of the draft re-masked before the teacher step.
+  # Sharper, guided refinements make better targets on the demo (FD 4.3 at tau_T=1, w_T=1; 2.8 at 0.7, 1; 1.7 at
+  # 0.5, 2; 600 steps each).
+  c.distill.teacher_temperature = 0.5  # tau_T of the teacher's refinement sampling.
+  c.distill.teacher_cfg_scale = 2.0  # w_T of the teacher's refinement step (the teacher is trained with p_uncond).
   c.distill.lift = 'ste'  # 'ste' (straight-through, the method) or 'soft' (p.E in the forward pass, ablation).
   c.distill.refine_source = 'draft'  # 'draft' (the method) or 'random' tokens (ablation).
   c.distill.drift_space = 'features'  # 'features' (phi of feature_net) or 'pixels' (ablation).
