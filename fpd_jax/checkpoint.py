@@ -8,13 +8,22 @@ Layout of a stage directory `DIR/<stage>/`:
 
 Before any restore the stored tree is compared with the one the current config builds, and a mismatch names the
 first differing parameter instead of failing inside Orbax or XLA.
+
+Saves are atomic (a temporary directory renamed once complete) and never delete the last good step before the new
+one is committed. A restore that fails on damaged files (a truncated or corrupt step) warns and falls back to the
+next older step; see `restore_latest`.
 """
 
 import json
+import logging
 import os
+import re
+import sys
+import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -67,25 +76,149 @@ def abstract(tree):
 
 
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the `keep` newest steps. Saves are atomic (temporary dir, then rename)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+  """A CheckpointManager keeping the `keep` newest steps.
+
+  Saves are atomic: Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only once every file
+  (and `commit_success.txt`) is written, so a step directory without that suffix is complete. Steps beyond
+  `keep` are deleted only after the new step is committed, so an interrupted save never costs the last good
+  checkpoint. Temporary directories left by a killed save are removed when the next manager opens.
+
+  Args:
+    directory: the stage's `checkpoints/` directory (created if missing).
+    keep: how many of the newest steps to keep (`max_to_keep`).
+
+  Returns:
+    The manager (asynchronous saves: call `wait_until_finished()` before relying on the last one).
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
-def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[int | None, Any]:
-  """Restores the newest step into the structure of `target`; returns (step, state) or (None, target)."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, target
+def _reason(e: Exception) -> str:
+  """`Type: message` on one line: TensorStore's spec dropped, the middle of a long message elided."""
+  lines = str(e).strip().splitlines()
+  text = re.sub(r'\s*\[tensorstore_spec=.*$', '', lines[0]) if lines else ''
+  text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+  return text if len(text) <= 240 else f'{text[:80]} ... {text[-150:]}'
+
+
+class _AbandonedReadsFilter(logging.Filter):
+  """Silences the late reports of the reads a failed restore abandoned (see `_silence_abandoned_reads`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+    self.previous_hook = sys.unraisablehook
+
+  def unraisablehook(self, unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      self.previous_hook(unraisable)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and 'Task exception was never retrieved' in record.getMessage()
+                and any(d in str(error) for d in self.directories))
+
+
+_abandoned_reads_filter: _AbandonedReadsFilter | None = None
+
+
+def _silence_abandoned_reads(directory: str) -> None:
+  """Keeps a damaged checkpoint's warning on one line.
+
+  When a restore fails, Orbax closes its event loop while TensorStore still completes the other reads; each then
+  reports, from a background thread and possibly much later, `RuntimeError: Event loop is closed` (through
+  `sys.unraisablehook`) or `Task exception was never retrieved` (asyncio's logger) with a traceback. From the
+  first failed restore on, this process drops exactly those reports (the latter only when they name `directory`).
+  """
+  global _abandoned_reads_filter
+  if _abandoned_reads_filter is None:
+    _abandoned_reads_filter = _AbandonedReadsFilter()
+    sys.unraisablehook = _abandoned_reads_filter.unraisablehook
+    logging.getLogger('asyncio').addFilter(_abandoned_reads_filter)
+  _abandoned_reads_filter.directories.add(str(directory))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Renames an unrestorable step to `<step>.corrupt-<time>` (Orbax ignores it; nothing is deleted) and returns
+  the new path. The step's number is free again for the resumed run's save."""
+  path = os.path.join(mngr.directory, str(step))
+  dest = stamped = f'{path}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}'
+  n = 1
+  while os.path.exists(dest):
+    dest, n = f'{stamped}-{n}', n + 1
+  os.rename(path, dest)
+  return dest
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, target):
+  """Restores one step into the structure of `target`.
+
+  Returns:
+    The state.
+
+  Raises:
+    UserError: the stored tree differs from `target` (the config's fault, not the checkpoint's).
+    Exception: anything else Orbax or TensorStore raise for unreadable or damaged files.
+  """
   where = f'checkpoint {mngr.directory}/{step}'
-  try:
-    stored = mngr.item_metadata(step)
-  except Exception as e:  # Orbax raises several types for unreadable metadata.
-    raise UserError(f'{where} is unreadable ({type(e).__name__}: {e}); delete it to restart the stage.') from e
-  check_compatible(target, getattr(stored, 'tree', stored), where)
-  state = mngr.restore(step, args=ocp.args.StandardRestore(abstract(target)))
-  return step, state
+  stored = mngr.item_metadata(step)
+  stored = getattr(stored, 'tree', stored)
+  if not stored:  # A missing `_METADATA` file reads as None rather than raising.
+    raise ValueError('its tree metadata is missing')
+  check_compatible(target, stored, where)
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract(target)))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[int | None, Any]:
+  """Restores the newest step that reads back, into the structure of `target`.
+
+  Steps are tried newest to oldest. A step whose files are unreadable, truncated or corrupt gets a one-line
+  warning on stderr naming it and the reason, and the next older step is tried. Once one restores, the bad
+  newer steps are renamed to `<step>.corrupt-<time>` (kept for inspection; the resumed run saves those step
+  numbers again).
+
+  Args:
+    mngr: the stage's manager.
+    target: the initial state; its structure, shapes and shardings are those restored.
+
+  Returns:
+    `(step, state)`, or `(None, target)` when there is no checkpoint.
+
+  Raises:
+    UserError: a checkpoint's parameters differ from the configured model's (never treated as corruption), or no
+      checkpoint restores (nothing is renamed then).
+  """
+  failed = []
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      state = _restore_step(mngr, step, target)
+    except UserError:
+      raise
+    except Exception as e:  # Orbax and TensorStore raise many types (ValueError, KeyError, JSONDecodeError...).
+      _silence_abandoned_reads(mngr.directory)
+      failed.append((step, _reason(e)))
+      then = f'trying step {steps[i + 1]}' if i + 1 < len(steps) else 'no older checkpoint'
+      print(f'warning: checkpoint {mngr.directory}/{step} does not restore ({failed[-1][1]}); {then}.',
+            file=sys.stderr, flush=True)
+      continue
+    if failed:
+      moved = [_set_aside(mngr, s) for s, _ in failed] if jax.process_index() == 0 else ['(on host 0)']
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('fpd_jax:set_aside_corrupt_checkpoints')
+      mngr.reload()
+      print(f'warning: resuming from step {step}; moved the unrestorable checkpoint(s) to {", ".join(moved)}.',
+            file=sys.stderr, flush=True)
+    return step, state
+  if failed:
+    raise UserError(f'no checkpoint in {mngr.directory} restores ('
+                    f'{"; ".join(f"step {s}: {r}" for s, r in failed)}); delete that directory to restart the '
+                    'stage from scratch.')
+  return None, target
 
 
 def export(directory: str, params, meta: dict | None = None) -> None:

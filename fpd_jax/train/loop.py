@@ -3,12 +3,17 @@
 A stage supplies a pure jitted `step(state, batch, rng) -> (state, metrics)`, a way to build the initial state and
 the batch of a given step. Data order and randomness are functions of the step (the batch of step s is
 `batch_fn(s)`, its key `fold_in(rng, s)`), so a resumed run continues exactly like an uninterrupted one.
+
+SIGTERM (and the TPU preemption notice) stop a run cleanly: the step in progress finishes, is checkpointed, and
+`PreemptedError` names it. A killed run (SIGKILL, power loss) resumes from its last committed checkpoint.
 """
 
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -22,6 +27,15 @@ from fpd_jax.errors import UserError
 
 class NonFiniteLossError(UserError):
   """A loss or metric became NaN/Inf; the state of that step is never checkpointed."""
+
+
+class PreemptedError(UserError):
+  """SIGTERM or a TPU preemption notice stopped a stage after a whole step, which was checkpointed.
+
+  A UserError, so the command-line entry points print `error: stage <name>: preempted (...) at step N; ...` and
+  exit with status 2, like any other user error (there is no separate exit status for preemption). Rerunning the
+  same command resumes from step N.
+  """
 
 
 @dataclasses.dataclass
@@ -57,10 +71,52 @@ def _host(metrics: dict) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
+class _StopRequests:
+  """Context manager: while active, SIGTERM only sets a flag, which `reason(step)` reports after a step.
+
+  `reason(step)` also asks Orbax whether all hosts reached JAX's preemption sync point (the TPU preemption
+  notice; `jax.experimental.multihost_utils.reached_preemption_sync_point`), which every host must ask at every
+  step. The SIGTERM handler is installed only in a single-process run on the main thread: with several
+  processes JAX's preemption service turns SIGTERM into that synchronised notice itself, and a per-host flag
+  would make hosts stop at different steps. The previous handler is restored on exit.
+  """
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+    self._sigterm = threading.Event()
+    self._installed = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._sigterm.set())
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc):
+    if self._installed:  # `None` means the previous handler was not set from Python: restore the default.
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    return False
+
+  def sigterm_received(self) -> bool:
+    """Whether a SIGTERM arrived since `__enter__`."""
+    return self._sigterm.is_set()
+
+  def reason(self, step: int) -> str | None:
+    """'SIGTERM', 'TPU preemption notice' or None (no stop requested) after step `step`."""
+    notice = self._mngr.reached_preemption(step)  # Always asked: a collective on multi-host runs.
+    if self._sigterm.is_set():
+      return 'SIGTERM'
+    return 'TPU preemption notice' if notice else None
+
+
 def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any],
         step_fn: Callable[[Any, Any, jax.Array], tuple[Any, dict]], batch_fn: Callable[[int], Any],
         rng: jax.Array, on_checkpoint: Callable[[int, Any], None] | None = None) -> Any:
   """Trains a stage to `cfg.num_steps`, resuming from its latest checkpoint, and returns the final state.
+
+  A SIGTERM (or JAX's preemption notice) received meanwhile ends the run after the step in progress: that step
+  is checkpointed, and PreemptedError raised. Rerunning the same command resumes from it.
 
   Args:
     name: stage name (progress bar, messages).
@@ -74,6 +130,8 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
 
   Raises:
     NonFiniteLossError: a metric of some step was NaN/Inf (that state is not saved; earlier checkpoints stay).
+    PreemptedError: SIGTERM or a preemption notice; the step reached is saved (and the save finished).
+    UserError: the checkpoints do not fit the configured model, or none of them restores.
   """
   os.makedirs(stage_dir, exist_ok=True)
   metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
@@ -85,9 +143,15 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
   if start:
     print(f'[{name}] resuming from step {start}')
 
+  def save(step, state):
+    mngr.save(step, args=ckpt_lib.ocp.args.StandardSave(state), force=True)
+    if on_checkpoint:
+      on_checkpoint(step, state)
+
   bar = tqdm(total=cfg.num_steps, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
   window_t, window_steps = time.perf_counter(), 0
-  with open(metrics_path, 'a') as log:
+  done, stop_reason = start, None
+  with _StopRequests(mngr) as stop, open(metrics_path, 'a') as log:
     for step in range(start, cfg.num_steps):
       state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
       metrics = _host(metrics)
@@ -111,11 +175,17 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
         log.flush()
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{row["images_per_sec"]:.0f}')
         window_t, window_steps = time.perf_counter(), 0
-      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
-        mngr.save(done, args=ckpt_lib.ocp.args.StandardSave(state))
-        if on_checkpoint:
-          on_checkpoint(done, state)
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
+      stop_reason = stop.reason(done)
+      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop_reason:
+        save(done, state)
+      if stop_reason:
+        break
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    if stop.sigterm_received() and not stop_reason:
+      stop_reason = 'SIGTERM'  # Arrived during the final save, which is complete: still stop the pipeline.
+  if stop_reason:
+    raise PreemptedError(f'stage {name}: preempted ({stop_reason}) at step {done}; checkpoint saved, rerun the '
+                         'same command to resume.')
   return state
