@@ -4,6 +4,8 @@ import json
 import os
 import time
 
+import jax
+
 from fpd_jax.data import mnist
 from fpd_jax.errors import UserError
 from fpd_jax.eval import evaluate
@@ -44,6 +46,15 @@ def validate(config) -> None:
     for key in ('num_steps', 'batch_size'):
       if config[section][key] <= 0:
         raise UserError(f'config.{section}.{key} must be > 0 (got {config[section][key]}).')
+  data_parallel = jax.device_count()  # The batch is split over all devices (data parallelism).
+  batches = {f'{section}.batch_size': config[section].batch_size
+             for section in ('tokenizer', 'teacher', 'eval_net', 'feature_net')}
+  if 'distill' in config.stages:
+    batches['distill.groups_per_batch * distill.samples_per_group'] = distill.batch_size(config.distill)
+  for name, size in batches.items():
+    if size % data_parallel:
+      raise UserError(f'config.{name} = {size} is not divisible by the {data_parallel} devices of the data-parallel '
+                      'axis; use a multiple.')
   if config.evaluate.num_samples <= 0 or any(s <= 0 for s in config.evaluate.teacher_steps):
     raise UserError('config.evaluate.num_samples and every config.evaluate.teacher_steps must be > 0.')
 
@@ -51,9 +62,14 @@ def validate(config) -> None:
 def run_pipeline(config, workdir: str) -> dict:
   """Runs every stage of `config.stages` not yet done; returns `{stage: seconds}`."""
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise UserError(f'workdir {workdir} is not writable; pass another --workdir.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir} is not writable ({e.strerror}); pass another --workdir.') from e
   timings = {}
   for name in config.stages:
     done_path = os.path.join(workdir, name, 'done.json')

