@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from configs import demo
-from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import stages
 from fpd_jax.errors import UserError
 from fpd_jax.train import loop

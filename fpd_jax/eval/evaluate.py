@@ -6,7 +6,6 @@ sampling + decoding measured after compilation. Also the tokenizer's reconstruct
 the evaluation network's test accuracy, and the time of every stage. Sample grids go to `DIR/samples/<name>.png`.
 """
 
-import json
 import os
 import time
 from typing import Callable

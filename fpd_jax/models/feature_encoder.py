@@ -12,7 +12,6 @@ in here). Two encoders ship:
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from fpd_jax.models import classifier
 

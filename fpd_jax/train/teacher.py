@@ -58,7 +58,6 @@ def make_train_step(model, tx, cfg):
 def run(config, workdir: str) -> dict:
   """Trains the teacher on tokens of the train split and exports its parameters to `DIR/teacher/export`."""
   stage_dir = os.path.join(workdir, 'teacher')
-  data_dir = os.path.join(workdir, 'data')
   cfg = config.teacher
   model = build.teacher(config)
   num_tokens = build.token_grid(config) ** 2
