@@ -92,6 +92,7 @@ def test_loss_finite_and_fixed_point_gap_decreases(setup):
     assert np.isfinite(float(metrics['loss']))
     gaps.append(float(metrics['fixed_point_gap']))
   assert gaps[-1] < gaps[0], gaps
+  assert step._cache_size() == 1  # pylint: disable=protected-access  # Traced and compiled once.
 
 
 def test_one_step_generator_input_noise():
