@@ -30,7 +30,7 @@ from fpd_jax.train import teacher as teacher_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough that a signal sent once the first checkpoint (step 10) is committed lands mid-run.
-NUM_STEPS, CHECKPOINT_EVERY, LOG_EVERY = 100, 10, 5
+NUM_STEPS, CHECKPOINT_EVERY, LOG_EVERY = 200, 10, 5  # 190 steps after the first checkpoint: a wide window for the signals.
 OVERRIDES = [f'--config.teacher.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={CHECKPOINT_EVERY}',
              f'--config.train.log_every={LOG_EVERY}']
 TIMING_KEYS = ('steps_per_sec', 'images_per_sec')
