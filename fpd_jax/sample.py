@@ -75,10 +75,8 @@ def generate(workdir: str, model: str, steps: int, num: int, seed: int, batch_si
 def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
   """Writes `.npz` arrays or a `.png` grid (one row per class)."""
   if out.endswith('.png'):
-    rows = min(num_classes, len(images))
-    cols = max(1, len(images) // num_classes)
-    order = np.concatenate([np.flatnonzero(labels == c)[:cols] for c in range(rows)])
-    grid_lib.save_png(out, grid_lib.image_grid(images[order], rows=rows, cols=cols))
+    per_class = max(1, len(images) // num_classes)
+    grid_lib.save_png(out, grid_lib.class_grid(images, labels, num_classes, per_class))
   elif out.endswith('.npz'):
     np.savez(out, images=images, labels=labels)
   else:

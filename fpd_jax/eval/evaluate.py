@@ -37,6 +37,7 @@ class Evaluator:
     self.net, self.params, meta = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
     self.test_accuracy = meta['test_accuracy']
     self.real = mnist.load_arrays(os.path.join(workdir, 'data'), 'all')
+    self.test = mnist.load_arrays(os.path.join(workdir, 'data'), 'test')
     self.real_feats = self.features(self.real['image'])[1]
     self.real_stats = metrics.gaussian_stats(self.real_feats)
 
@@ -70,12 +71,6 @@ class Evaluator:
     return row, images, labels
 
 
-def class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
-  """One row per class, `per_class` columns, from a labelled sample set."""
-  rows = [images[labels == c][:per_class] for c in range(num_classes)]
-  return grid_lib.image_grid(np.concatenate(rows), rows=num_classes, cols=per_class)
-
-
 def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
   """Reconstruction MSE on the test split, FD of the reconstructions of all digits, and codebook usage."""
   model, params = tokenizer_stage.load(config, workdir)
@@ -86,7 +81,7 @@ def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
     decode = lambda t: sampling.decode_tokens(model, params, t.reshape(len(t), -1), grid)
     return ids, batching.map_batches(decode, ids)
 
-  test = mnist.load_arrays(os.path.join(workdir, 'data'), 'test')['image']
+  test = evaluator.test['image']
   _, test_recon = reconstruct(test)
   ids, recon = reconstruct(evaluator.real['image'])
   return {'recon_mse': float(np.mean((test_recon - batching.as_float_images(test)) ** 2)),
@@ -113,7 +108,7 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
   rng = jax.random.key(config.seed + 100)
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   grid_lib.save_png(os.path.join(workdir, 'samples', 'real.png'),
-                    class_grid(evaluator.real['image'], evaluator.real['label'], config.data.num_classes,
+                    grid_lib.class_grid(evaluator.real['image'], evaluator.real['label'], config.data.num_classes,
                                config.evaluate.grid_per_class))
   generators = teacher_generators(config, workdir)
   if 'distill' in config.stages:
@@ -125,13 +120,13 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
     row['steps'] = steps
     models[name] = row
     grid_lib.save_png(os.path.join(workdir, 'samples', f'{name}.png'),
-                      class_grid(images, labels, config.data.num_classes, config.evaluate.grid_per_class))
+                      grid_lib.class_grid(images, labels, config.data.num_classes, config.evaluate.grid_per_class))
     print(f'[evaluate] {name}: ' + ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
   result = {
       'models': models,
       'eval_net': {'test_accuracy': evaluator.test_accuracy},
       'tokenizer': tokenizer_metrics(evaluator, config, workdir),
-      'real_data': evaluator.image_metrics(evaluator.real['image'][-500:], evaluator.real['label'][-500:]),
+      'real_data': evaluator.image_metrics(evaluator.test['image'], evaluator.test['label']),
   }
   report.write(workdir, result)
   return result

@@ -56,6 +56,13 @@ def image_grid(images, rows: int, cols: int, pad: int = 2, pad_value: float = 0.
   return grid
 
 
+def class_grid(images, labels, num_classes: int, per_class: int) -> np.ndarray:
+  """One row per class (classes 0..rows-1, rows = min(num_classes, len(images))), `per_class` columns."""
+  rows = min(num_classes, len(images))
+  order = np.concatenate([np.flatnonzero(np.asarray(labels) == c)[:per_class] for c in range(rows)])
+  return image_grid(np.asarray(images)[order], rows=rows, cols=per_class)
+
+
 def save_png(path: str | os.PathLike, grid) -> None:
   """Saves an image (e.g. from `image_grid`) as PNG, creating the parent directory.
 
