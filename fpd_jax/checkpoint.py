@@ -18,32 +18,26 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any
+import uuid
 
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fpd_jax import sharding
 from fpd_jax.errors import UserError
-
-
-def _name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
 
 
 def tree_shapes(tree) -> dict[str, tuple]:
   """`{'a/b/c': shape}` for every array leaf of a pytree (arrays, ShapeDtypeStructs or Orbax metadata)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
-  return {_name(p): tuple(v.shape) for p, v in leaves if hasattr(v, 'shape')}
+  return {sharding.path_name(p): tuple(v.shape) for p, v in leaves if hasattr(v, 'shape')}
 
 
 def first_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
@@ -227,7 +221,7 @@ def export(directory: str, params, meta: dict | None = None) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory, params, force=True)
   ckptr.wait_until_finished()
-  if meta is not None:
+  if meta is not None and jax.process_index() == 0:  # Orbax writes collectively; the JSON only once.
     with open(directory + '_meta.json', 'w') as f:
       json.dump(meta, f, indent=1, default=_json_default)
 
@@ -248,6 +242,35 @@ def load_export(directory: str, target, what: str):
   return ckptr.restore(directory, abstract(target))
 
 
+def load_stage_params(pretrained: str, workdir: str, stage: str, init, seed: int, import_hint: str):
+  """Parameters of a model that a stage trains or that is imported, as `config.<stage>.pretrained` says.
+
+  Args:
+    pretrained: '' (the stage's export `workdir/<stage>/export`), a directory written by an import tool (its
+      `--out`, holding `<stage>/export`, or that `<stage>/` itself), or 'random' (a random init, for smoke tests and
+      benchmarks at the real size).
+    workdir: the run's workdir.
+    stage: 'teacher' or 'tokenizer'.
+    init: `rng -> params` of the configured model (abstractly evaluated for the restore target).
+    seed: the seed of the random init (the one the stage's training would draw).
+    import_hint: the import command to name when `pretrained` holds nothing.
+  """
+  if pretrained == 'random':
+    return jax.jit(init)(jax.random.split(jax.random.key(seed))[0])
+  target = jax.eval_shape(init, jax.random.key(0))
+  if not pretrained:
+    return load_export(os.path.join(workdir, stage, 'export'), target, f'the {stage}')
+  if '://' in pretrained:
+    raise UserError(f'config.{stage}.pretrained={pretrained}: remote paths are not read directly; copy the '
+                    'import to a local or mounted (e.g. gcsfuse) directory and point to it.')
+  candidates = [os.path.join(pretrained, stage, 'export'), os.path.join(pretrained, 'export')]
+  found = [c for c in candidates if os.path.isdir(c)]
+  if not found:
+    raise UserError(f'config.{stage}.pretrained={pretrained} holds no imported {stage} ({candidates[0]} and '
+                    f'{candidates[1]} are missing); run {import_hint} --out={pretrained} first.')
+  return load_export(found[0], target, f'the pretrained {stage} (config.{stage}.pretrained)')
+
+
 def load_export_meta(directory: str, what: str = 'the export') -> dict:
   """The JSON written beside an export."""
   path = os.path.abspath(directory) + '_meta.json'
@@ -257,6 +280,123 @@ def load_export_meta(directory: str, what: str = 'the export') -> dict:
     raise UserError(f'{path} is missing; the export at {directory} is incomplete. Rerun the stage.')
   with open(path) as f:
     return json.load(f)
+
+
+def check_export_destinations(destinations, overwrite: bool) -> None:
+  """Raises UserError if `write_exports` could not place a directory at each of `destinations`.
+
+  A destination must not exist unless `overwrite` (then it must be a directory), and its parent, where it exists,
+  must be a directory. Messages name the `--overwrite` and `--out` flags of the import tools that write exports.
+  """
+  for dest in destinations:
+    dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+      raise UserError(f'{parent} is not a directory, so {dest} cannot be written; pass another --out.')
+    if os.path.lexists(dest) and not overwrite:
+      raise UserError(f'{dest} already exists; pass --overwrite to replace it, or another --out.')
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+      raise UserError(f'{dest} exists and is not a directory; remove it or pass another --out.')
+
+
+def _topmost_missing(path: str) -> str | None:
+  """The outermost directory of `path` (itself or an ancestor) that does not exist yet, or None."""
+  top = None
+  while not os.path.lexists(path):
+    top, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return top
+
+
+def _remove_empty(path: str, top: str | None) -> None:
+  """Removes `path` and its ancestors up to `top` (the directories a failed write created) while they are empty."""
+  if top is None:
+    return
+  while os.path.isdir(path) and not os.listdir(path):
+    os.rmdir(path)
+    if path == top:
+      break
+    path = os.path.dirname(path)
+
+
+def _rename_into_place(staged: dict[str, str]) -> None:
+  """Renames every staged directory to its destination (`{destination: staged}`, all or none), then deletes the
+  directories they replace.
+
+  Raises:
+    OSError: a rename failed; every destination and staged directory is then back as it was.
+  """
+  aside, placed = {}, []
+  try:
+    for dest in staged:
+      if os.path.lexists(dest):
+        aside[dest] = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.old-{uuid.uuid4().hex[:12]}')
+        os.rename(dest, aside[dest])
+    for dest, tmp in staged.items():
+      os.rename(tmp, dest)
+      placed.append(dest)
+  except OSError:
+    for dest in placed:  # Put everything back as it was.
+      os.rename(dest, staged[dest])
+    for dest, old in aside.items():
+      os.rename(old, dest)
+    raise
+  for old in aside.values():
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_exports(parts: dict[str, tuple[Any, dict | None]], overwrite: bool = False, log=None) -> None:
+  """Writes parameter trees as `DEST/export/` + `DEST/export_meta.json` (see `export`), all or nothing.
+
+  Each part is written into a temporary directory `.<name>.tmp-<id>` beside its destination (created with the
+  umask's permissions, so the result is as readable as a normal directory, unlike `tempfile.mkdtemp`'s 0700).
+  Once every part is complete and the destinations are checked again, they are all renamed into place; an existing
+  destination (only with `overwrite`) is moved aside first and deleted after. If a write or a rename fails, no part
+  is placed, replaced destinations are restored, and the temporary directories and any parent directories this call
+  created are removed. The renames need a local (POSIX) file system.
+
+  Args:
+    parts: `{destination directory: (params, meta)}`; params are numpy or JAX arrays, meta goes to the JSON.
+    overwrite: replace existing destinations.
+    log: called with a progress line before each part is written, or None.
+
+  Raises:
+    UserError: a destination exists (without `overwrite`), is not a directory, or cannot be written (the message
+      names the path and the fix). Nothing is left under the destinations' parents then.
+    ValueError: two destinations are the same directory or one lies inside another.
+  """
+  dests = {os.path.abspath(d): v for d, v in parts.items()}
+  if len(dests) != len(parts) or any(a != b and os.path.commonpath([a, b]) == a for a in dests for b in dests):
+    raise ValueError(f'the destinations {sorted(dests)} must be distinct and not nested')
+  check_export_destinations(dests, overwrite)
+  parents = sorted({os.path.dirname(d) for d in dests})
+  created = {parent: _topmost_missing(parent) for parent in parents}
+  where = next(iter(dests)) if len(dests) == 1 else f'under {os.path.commonpath(list(dests))}'
+  staged = {}
+  try:
+    for dest, (params, meta) in dests.items():
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      tmp = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.tmp-{uuid.uuid4().hex[:12]}')
+      staged[dest] = tmp
+      os.makedirs(tmp)  # Honours the umask (mkdtemp's 0700 would stay on the renamed directory).
+      if log is not None:
+        log(f'{os.path.basename(dest)}: writing the Orbax export...')
+      arrays = jax.tree.map(jnp.asarray, params)
+      export(os.path.join(tmp, 'export'), arrays, meta)
+      del arrays  # Free the device copy before the next part.
+    check_export_destinations(staged, overwrite)  # Still free after the (possibly long) write?
+    _rename_into_place(staged)
+    staged = {}
+  except OSError as e:
+    raise UserError(f'cannot write {where} ({e.strerror or type(e).__name__}); free space or pass another '
+                    '--out.') from e
+  finally:
+    for tmp in staged.values():
+      shutil.rmtree(tmp, ignore_errors=True)
+    for parent in reversed(parents):  # Deepest first, so a shared created ancestor empties last.
+      _remove_empty(parent, created[parent])
 
 
 def _json_default(x):

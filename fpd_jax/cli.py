@@ -22,6 +22,18 @@ def run_user_command(fn: Callable[[], object], verbose: bool) -> None:
     sys.exit(2)
 
 
+def initialize_distributed() -> None:
+  """Joins a multi-process run (`jax.distributed.initialize()`, coordinator auto-detected on TPU, SLURM, GKE)."""
+  import jax  # pylint: disable=g-import-not-at-top  # Keep `--help` fast.
+  try:
+    jax.distributed.initialize()
+  except (RuntimeError, ValueError) as e:
+    raise UserError(f'jax.distributed.initialize() failed ({_one_line(e)}); start one process per host with the '
+                    'launch/ scripts, or drop --config.distributed=True for a single-process run.') from e
+  logging.warning('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
+                  jax.local_device_count(), jax.device_count())
+
+
 def _one_line(e: Exception) -> str:
   """First and last line of an error (ml_collections embeds tracebacks and file lists in its messages)."""
   lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]

@@ -6,6 +6,10 @@ r"""Runs the configured pipeline stages in order.
 Each stage writes `DIR/<stage>/` (Orbax checkpoints, `metrics.jsonl`, an export) and finally `done.json`. A rerun
 skips finished stages and resumes an interrupted one from its latest checkpoint. The report is `DIR/report.json`,
 `DIR/report.md` and `DIR/samples/*.png`.
+
+Devices: the mesh of `config.mesh` (sizes of the `data` and `fsdp` axes, partition rules) spans every device; with
+`--config.distributed=True` (set by the `launch/` scripts) each process first joins the others through
+`jax.distributed.initialize()`, and only process 0 writes reports, metrics and images.
 """
 
 from absl import app
@@ -25,7 +29,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  cli.run_user_command(lambda: stages.run_pipeline(config, _WORKDIR.value), config.get('verbose', False))
+
+  def run():
+    if config.get('distributed', False):
+      cli.initialize_distributed()
+    stages.run_pipeline(config, _WORKDIR.value)
+
+  cli.run_user_command(run, config.get('verbose', False))
 
 
 if __name__ == '__main__':

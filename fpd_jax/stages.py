@@ -5,7 +5,9 @@ import os
 import time
 
 import jax
+import numpy as np
 
+from fpd_jax import sharding
 from fpd_jax.data import mnist
 from fpd_jax.errors import UserError
 from fpd_jax.eval import evaluate
@@ -42,19 +44,20 @@ def validate(config) -> None:
   build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
   if 'distill' in config.stages:
     distill.validate(config)
-  for section in ('tokenizer', 'teacher', 'eval_net', 'feature_net'):
+  trained = [s for s in ('tokenizer', 'teacher', 'eval_net', 'feature_net') if s in config.stages]
+  for section in trained:
     for key in ('num_steps', 'batch_size'):
       if config[section][key] <= 0:
         raise UserError(f'config.{section}.{key} must be > 0 (got {config[section][key]}).')
-  data_parallel = jax.device_count()  # The batch is split over all devices (data parallelism).
-  batches = {f'{section}.batch_size': config[section].batch_size
-             for section in ('tokenizer', 'teacher', 'eval_net', 'feature_net')}
+  mesh = sharding.mesh_shape(config.mesh, jax.device_count()) if 'mesh' in config else (jax.device_count(),)
+  data_parallel = int(np.prod(mesh))  # The batch is split over every mesh axis.
+  batches = {f'{section}.batch_size': config[section].batch_size for section in trained}
   if 'distill' in config.stages:
     batches['distill.groups_per_batch * distill.samples_per_group'] = distill.batch_size(config.distill)
   for name, size in batches.items():
     if size % data_parallel:
-      raise UserError(f'config.{name} = {size} is not divisible by the {data_parallel} devices of the data-parallel '
-                      'axis; use a multiple.')
+      raise UserError(f'config.{name} = {size} is not divisible by the {data_parallel} devices the batch is split '
+                      'over (config.mesh); use a multiple.')
   if config.evaluate.num_samples <= 0 or any(s <= 0 for s in config.evaluate.teacher_steps):
     raise UserError('config.evaluate.num_samples and every config.evaluate.teacher_steps must be > 0.')
 
@@ -62,6 +65,9 @@ def validate(config) -> None:
 def run_pipeline(config, workdir: str) -> dict:
   """Runs every stage of `config.stages` not yet done; returns `{stage: seconds}`."""
   validate(config)
+  if '://' in workdir:
+    raise UserError(f'--workdir={workdir}: remote paths are not written directly; mount the bucket (e.g. gcsfuse '
+                    '--implicit-dirs BUCKET /mnt/gcs) on every host and pass the mounted path.')
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, '.write_test')
@@ -82,10 +88,11 @@ def run_pipeline(config, workdir: str) -> dict:
     start = time.perf_counter()
     summary = STAGES[name](config, workdir) or {}
     timings[name] = time.perf_counter() - start
-    os.makedirs(os.path.dirname(done_path), exist_ok=True)
-    with open(done_path, 'w') as f:
-      json.dump({'seconds': timings[name], **summary}, f, indent=1)
+    if jax.process_index() == 0:  # Every process ran the stage; one records it.
+      os.makedirs(os.path.dirname(done_path), exist_ok=True)
+      with open(done_path, 'w') as f:
+        json.dump({'seconds': timings[name], **summary}, f, indent=1)
     print(f'[{name}] done in {timings[name]:.1f} s')
-  if 'evaluate' in config.stages:
+  if 'evaluate' in config.stages and jax.process_index() == 0:
     report.add_timings(workdir, timings)
   return timings

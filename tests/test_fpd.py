@@ -8,29 +8,14 @@ import pytest
 from configs import demo
 from fpd_jax import sampling
 from fpd_jax.distill import fpd
-from fpd_jax.models import build
-from fpd_jax.models import feature_encoder
 from fpd_jax.train import distill
-from fpd_jax.train import eval_net
 from fpd_jax.train import optim
-from fpd_jax.train import tokenizer as tokenizer_stage
 
 
 @pytest.fixture(scope='module')
-def setup():
+def setup(tiny_fpd):
   config = demo.get_config('tiny')
-  net = eval_net.build_net(config.feature_net, config.data.num_classes)
-  features = feature_encoder.ConvNetFeatures(net, tuple(config.distill.feature_layers), config.distill.feature_grid)
-  models = distill.build_models(config, features)
-  grid = build.token_grid(config)
-  keys = jax.random.split(jax.random.key(0), 3)
-  frozen = {
-      'teacher': models.teacher.init(keys[0], grid * grid, jnp.zeros((1,), jnp.int32))['params'],
-      'tokenizer': tokenizer_stage.init_params(config, keys[1]),
-      'features': eval_net.init_params(net, config, keys[2]),
-  }
-  labels = jnp.asarray(distill.condition_batch(0, 0, config.data.num_classes, config.distill))
-  return config, models, frozen, labels
+  return (config, *tiny_fpd(config))
 
 
 def test_corrupt_masks_requested_fraction():
@@ -82,7 +67,7 @@ def test_loss_finite_and_fixed_point_gap_decreases(setup):
   cfg.warmup_steps = 0
   cfg.num_steps = 100
   tx = optim.make_optimizer(cfg, 1.0)
-  step = distill.make_train_step(models, tx, tx, cfg)
+  step = jax.jit(distill.make_train_step(models, tx, tx, cfg), donate_argnums=(0,))
   params = jax.tree.map(jnp.copy, frozen['teacher'])
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
            'ema_params': jax.tree.map(jnp.copy, params)}

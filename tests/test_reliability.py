@@ -23,6 +23,7 @@ import pytest
 
 from configs import demo
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sharding
 from fpd_jax import stages
 from fpd_jax.errors import UserError
 from fpd_jax.train import loop
@@ -195,7 +196,6 @@ def _toy_stage(stage_dir: str, size: int = 8, on_batch=None) -> dict:
   def init_state():
     return {'step': jnp.zeros((), jnp.int32), 'params': {'w': jnp.zeros((size,))}}
 
-  @jax.jit
   def step_fn(state, batch, rng):
     loss, grad = jax.value_and_grad(lambda w: jnp.mean((w - batch - jax.random.normal(rng, w.shape)) ** 2))(
         state['params']['w'])
@@ -206,7 +206,8 @@ def _toy_stage(stage_dir: str, size: int = 8, on_batch=None) -> dict:
       on_batch(step)
     return jnp.full((size,), float(step))
 
-  state = loop.run('toy', stage_dir, cfg, init_state, step_fn, batch_fn, jax.random.key(0))
+  state = loop.run('toy', stage_dir, cfg, init_state, step_fn, batch_fn, jax.random.key(0),
+                   partitioner=sharding.Partitioner.from_config({}))
   return jax.tree.map(np.asarray, state)
 
 

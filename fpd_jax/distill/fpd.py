@@ -119,12 +119,15 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
                   temperature=cfg.teacher_temperature, cfg_scale=cfg.teacher_cfg_scale)
   # 4. Lift: straight-through (or soft) embedding of the draft.
   codebook = frozen_params['tokenizer']['quantizer']['codebook']
-  student_images = decode_embeddings(models, frozen_params['tokenizer'],
-                                     ste.lift(logits, draft, codebook, cfg.lift))
+  decode, features = decode_embeddings, models.features
+  if cfg.get('remat', False):  # Recompute the decoder and encoder activations in the backward pass.
+    decode = jax.checkpoint(decode_embeddings, static_argnums=(0,))
+    features = jax.checkpoint(models.features)
+  student_images = decode(models, frozen_params['tokenizer'], ste.lift(logits, draft, codebook, cfg.lift))
   target_images = jax.lax.stop_gradient(
       decode_embeddings(models, frozen_params['tokenizer'], jnp.take(codebook, target, axis=0)))
   # 5. Features (student keeps gradients, target is stop-gradient).
-  student_feats = models.features(frozen_params['features'], student_images)
+  student_feats = features(frozen_params['features'], student_images)
   target_feats = jax.lax.stop_gradient(models.features(frozen_params['features'], target_images))
   # 6. Multi-bandwidth drift loss, groups = samples of one condition.
   num_groups = batch // cfg.samples_per_group

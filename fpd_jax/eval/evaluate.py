@@ -1,9 +1,16 @@
-"""Stage `evaluate`: samples every model, measures it in the evaluation network's feature space, writes the report.
+"""Stage `evaluate`: samples every model, measures it, writes the report.
 
-Per model row (`report.json` `models.<name>`): FD of `num_samples` class-balanced samples against all real digits
-(train + test), class accuracy of the evaluation network on the samples, k-NN precision/recall, and images/s of
-sampling + decoding measured after compilation. Also the tokenizer's reconstruction quality and codebook usage,
-the evaluation network's test accuracy, and the time of every stage. Sample grids go to `DIR/samples/<name>.png`.
+`config.evaluate.metric` picks the measure:
+
+- 'eval_net' (the demo): per model row (`report.json` `models.<name>`), FD of `num_samples` class-balanced samples
+  against all real digits (train + test) in the feature space of the project's evaluation network, its class
+  accuracy on the samples, and k-NN precision/recall. Also the tokenizer's reconstruction quality and codebook
+  usage and the evaluation network's test accuracy.
+- 'inception' (ImageNet): FID against `evaluate.reference` (an ADM `.npz` or `tfds:NAME/SPLIT`) and the Inception
+  Score when the Inception weights hold a classifier (`fpd_jax/eval/fid.py`).
+
+Both add images/s of sampling + decoding measured after compilation, and the time of every stage. Sample grids go
+to `DIR/samples/<name>.png`.
 """
 
 import os
@@ -12,10 +19,13 @@ from typing import Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from fpd_jax import batching
 from fpd_jax import sampling
 from fpd_jax.data import mnist
+from fpd_jax.errors import UserError
+from fpd_jax.eval import fid
 from fpd_jax.eval import grid as grid_lib
 from fpd_jax.eval import metrics
 from fpd_jax.eval import report
@@ -27,6 +37,26 @@ from fpd_jax.train import tokenizer as tokenizer_stage
 
 # Image generator: (labels [B] int32, rng) -> images [B, H, W, C] in [0, 1] (a jax array).
 Generator = Callable[[np.ndarray, jax.Array], jax.Array]
+
+
+def measure(config, image_metrics, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
+  """Samples `evaluate.num_samples` class-balanced images and scores them with `image_metrics(images, labels)`.
+
+  Returns:
+    (metrics row with images_per_sec, images, labels).
+  """
+  cfg = config.evaluate
+  labels = (np.arange(cfg.num_samples) % config.data.num_classes).astype(np.int32)
+  batches = [labels[i:i + cfg.batch_size] for i in range(0, len(labels), cfg.batch_size)]
+  jax.block_until_ready(generate(batches[0], rng))  # Compile outside the timing.
+  start = time.perf_counter()
+  images = [generate(b, jax.random.fold_in(rng, i)) for i, b in enumerate(tqdm(batches, desc='sampling',
+                                                                                  disable=len(batches) < 4))]
+  images = np.concatenate([np.asarray(jax.block_until_ready(x)) for x in images])
+  seconds = time.perf_counter() - start
+  row = image_metrics(images, labels)
+  row['images_per_sec'] = len(images) / seconds
+  return row, images, labels
 
 
 class Evaluator:
@@ -57,18 +87,34 @@ class Evaluator:
 
   def measure(self, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
     """Samples `evaluate.num_samples` class-balanced images; returns (metrics row, images, labels)."""
-    cfg = self.config.evaluate
-    num_classes = self.config.data.num_classes
-    labels = (np.arange(cfg.num_samples) % num_classes).astype(np.int32)
-    batches = [labels[i:i + cfg.batch_size] for i in range(0, len(labels), cfg.batch_size)]
-    jax.block_until_ready(generate(batches[0], rng))  # Compile outside the timing.
-    start = time.perf_counter()
-    images = [generate(b, jax.random.fold_in(rng, i)) for i, b in enumerate(batches)]
-    images = np.concatenate([np.asarray(jax.block_until_ready(x)) for x in images])
-    seconds = time.perf_counter() - start
-    row = self.image_metrics(images, labels)
-    row['images_per_sec'] = len(images) / seconds
-    return row, images, labels
+    return measure(self.config, self.image_metrics, generate, rng)
+
+
+class InceptionEvaluator:
+  """FID (and IS, when the weights hold a classifier) against the configured reference statistics."""
+
+  def __init__(self, config):
+    cfg = config.evaluate
+    self.config = config
+    self.inception = fid.InceptionMetrics(weights=cfg.get('inception_weights', ''),
+                                          classifier=cfg.get('inception_classifier', ''))
+    self.reference = fid.reference_stats(cfg.reference, self.inception, resolution=config.data.image_size,
+                                         limit=cfg.get('reference_limit', 0),
+                                         tfds_data_dir=config.data.get('tfds_data_dir') or None)
+
+  def image_metrics(self, images, labels=None) -> dict:
+    del labels  # FID/IS are unconditional.
+    acts = self.inception.activations(images, desc='inception')
+    mu, sigma = metrics.gaussian_stats(acts['pool'])
+    row = {'fid': float(metrics.frechet_distance_from_stats(mu, sigma, self.reference['mu'],
+                                                            self.reference['sigma'])),
+           'num_samples': int(len(images))}
+    if 'logits' in acts and len(images) >= fid.IS_SPLITS:
+      row['inception_score'], row['inception_score_std'] = fid.inception_score(acts['logits'])
+    return row
+
+  def measure(self, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
+    return measure(self.config, self.image_metrics, generate, rng)
 
 
 def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
@@ -102,14 +148,32 @@ def teacher_generators(config, workdir: str) -> dict[str, tuple[int, Generator]]
   return out
 
 
+METRICS = ('eval_net', 'inception')
+
+
+def sample_grid(config, images, labels) -> np.ndarray:
+  """One row per class of `evaluate.grid_classes` (default: classes 0, 1, ...), `grid_per_class` columns."""
+  classes = list(config.evaluate.get('grid_classes', ())) or list(range(config.data.num_classes))
+  keep = np.isin(labels, classes)
+  remap = {c: i for i, c in enumerate(classes)}
+  return grid_lib.class_grid(images[keep], np.array([remap[int(c)] for c in labels[keep]]), len(classes),
+                             config.evaluate.grid_per_class)
+
+
 def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
   """Evaluates all models, writes `report.json`, `report.md` and `samples/*.png`; returns the report."""
-  evaluator = Evaluator(config, workdir)
+  metric = config.evaluate.get('metric', 'eval_net')
+  if metric not in METRICS:
+    raise UserError(f'config.evaluate.metric={metric!r}; choose one of {METRICS}.')
   rng = jax.random.key(config.seed + 100)
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  grid_lib.save_png(os.path.join(workdir, 'samples', 'real.png'),
-                    grid_lib.class_grid(evaluator.real['image'], evaluator.real['label'], config.data.num_classes,
-                               config.evaluate.grid_per_class))
+  if metric == 'inception':
+    evaluator = InceptionEvaluator(config)
+  else:
+    evaluator = Evaluator(config, workdir)
+    grid_lib.save_png(os.path.join(workdir, 'samples', 'real.png'),
+                      grid_lib.class_grid(evaluator.real['image'], evaluator.real['label'],
+                                          config.data.num_classes, config.evaluate.grid_per_class))
   generators = teacher_generators(config, workdir)
   if 'distill' in config.stages:
     generators['student_1step'] = (1, distill_stage.student_generator(os.path.join(workdir, 'distill', 'export')))
@@ -119,14 +183,14 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
     row, images, labels = evaluator.measure(generate, rng)
     row['steps'] = steps
     models[name] = row
-    grid_lib.save_png(os.path.join(workdir, 'samples', f'{name}.png'),
-                      grid_lib.class_grid(images, labels, config.data.num_classes, config.evaluate.grid_per_class))
+    grid_lib.save_png(os.path.join(workdir, 'samples', f'{name}.png'), sample_grid(config, images, labels))
     print(f'[evaluate] {name}: ' + ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
-  result = {
-      'models': models,
-      'eval_net': {'test_accuracy': evaluator.test_accuracy},
-      'tokenizer': tokenizer_metrics(evaluator, config, workdir),
-      'real_data': evaluator.image_metrics(evaluator.test['image'], evaluator.test['label']),
-  }
+  result = {'models': models}
+  if metric == 'inception':
+    result['reference'] = {'source': evaluator.reference['source'], 'num_images': evaluator.reference['num_images']}
+  else:
+    result.update(eval_net={'test_accuracy': evaluator.test_accuracy},
+                  tokenizer=tokenizer_metrics(evaluator, config, workdir),
+                  real_data=evaluator.image_metrics(evaluator.test['image'], evaluator.test['label']))
   report.write(workdir, result)
   return result

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -64,12 +65,14 @@ def class_grid(images, labels, num_classes: int, per_class: int) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, grid) -> None:
-  """Saves an image (e.g. from `image_grid`) as PNG, creating the parent directory.
+  """Saves an image (e.g. from `image_grid`) as PNG, creating the parent directory (process 0 only).
 
   Args:
     path: Destination file.
     grid: [H, W] or [H, W, 1] (saved as grey 'L') or [H, W, 3] (saved as 'RGB'), uint8 or float in [0, 1].
   """
+  if jax.process_index():  # Multi-process runs: process 0 writes images.
+    return
   grid = to_uint8(grid)
   if grid.ndim == 3 and grid.shape[-1] == 1:
     grid = grid[..., 0]

@@ -3,7 +3,10 @@
 import json
 import os
 
-MODEL_COLUMNS = ('steps', 'fd', 'accuracy', 'precision', 'recall', 'images_per_sec', 'num_samples')
+import jax
+
+MODEL_COLUMNS = ('steps', 'fd', 'fid', 'inception_score', 'accuracy', 'precision', 'recall', 'images_per_sec',
+                 'num_samples')
 
 
 def _fmt(v) -> str:
@@ -14,13 +17,18 @@ def _fmt(v) -> str:
 
 def markdown(result: dict) -> str:
   """The report as Markdown tables."""
-  lines = ['# fpd_jax report', '',
-           'Quality in the feature space of the evaluation network (FD vs all real digits: lower is better; '
-           'accuracy: the evaluation network agrees with the requested class; k-NN precision/recall). '
-           'images/s: sampling + decoding after compilation.', '',
-           '| model | ' + ' | '.join(MODEL_COLUMNS) + ' |', '|---' * (len(MODEL_COLUMNS) + 1) + '|']
-  for name, row in result.get('models', {}).items():
-    lines.append(f'| {name} | ' + ' | '.join(_fmt(row.get(c)) for c in MODEL_COLUMNS) + ' |')
+  rows = result.get('models', {})
+  columns = [c for c in MODEL_COLUMNS if any(c in row for row in rows.values())]
+  if 'fid' in columns:
+    intro = (f'Inception FID against {result.get("reference", {}).get("source")} (lower is better) and Inception '
+             'Score (when the weights hold a classifier).')
+  else:
+    intro = ('Quality in the feature space of the evaluation network (FD vs all real digits: lower is better; '
+             'accuracy: the evaluation network agrees with the requested class; k-NN precision/recall).')
+  lines = ['# fpd_jax report', '', intro + ' images/s: sampling + decoding after compilation.', '',
+           '| model | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+  for name, row in rows.items():
+    lines.append(f'| {name} | ' + ' | '.join(_fmt(row.get(c)) for c in columns) + ' |')
   if 'real_data' in result:
     real = result['real_data']
     lines += ['', f'Reference: 500 real test digits score FD {_fmt(real["fd"])}, accuracy '
@@ -33,7 +41,9 @@ def markdown(result: dict) -> str:
 
 
 def write(workdir: str, result: dict) -> None:
-  """Writes report.json and report.md (atomically: a reader never sees a half-written file)."""
+  """Writes report.json and report.md (atomically: a reader never sees a half-written file); process 0 only."""
+  if jax.process_index():
+    return
   for name, text in (('report.json', json.dumps(result, indent=1)), ('report.md', markdown(result))):
     path = os.path.join(workdir, name)
     with open(path + '.tmp', 'w') as f:

@@ -17,15 +17,17 @@ def token_grid(config) -> int:
   return config.data.image_size // factor
 
 
-def tokenizer(config) -> vqgan.VQGAN:
+def tokenizer(config, dtype=jnp.float32) -> vqgan.VQGAN:
   """The VQGAN tokenizer of `config.tokenizer`, for `config.data.channels` image channels."""
-  return vqgan.from_config(config.tokenizer, output_channels=config.data.channels)
+  return vqgan.from_config(config.tokenizer, output_channels=config.data.channels, dtype=dtype)
 
 
 def conditioner(config) -> cond_lib.ClassConditioner:
-  """The class conditioner (label + K), with a null class for classifier-free guidance."""
+  """The class conditioner (label + K), with a null class for classifier-free guidance unless the config says
+  `teacher.null_class = False` (the released ImageNet MaskGIT has none)."""
   return cond_lib.ClassConditioner(codebook_size=config.tokenizer.codebook_size,
-                                   num_classes=config.data.num_classes, with_null_class=True)
+                                   num_classes=config.data.num_classes,
+                                   with_null_class=config.teacher.get('null_class', True))
 
 
 def teacher(config, section: str = 'teacher', dtype=jnp.float32) -> maskgit.MaskGITModel:

@@ -193,7 +193,8 @@ class MaskGITModel:
     ids = self.conditioner.sequence(cond, tokens)
     rngs = None if dropout_rng is None else {'dropout': dropout_rng}
     out = self.transformer.apply({'params': params}, ids, deterministic=deterministic, rngs=rngs)
-    return out[:, ids.shape[1] - tokens.shape[1]:, :self.codebook_size]
+    # float32 logits whatever the compute dtype: softmaxes, sampling and the STE mixture stay exact.
+    return out[:, ids.shape[1] - tokens.shape[1]:, :self.codebook_size].astype(jnp.float32)
 
   def guided_logits(self, params, tokens: jax.Array, cond, cfg_scale: float) -> jax.Array:
     """Classifier-free guidance: (1 + w) * cond - w * uncond (one batched pass); w = 0 is plain logits."""

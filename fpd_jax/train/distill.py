@@ -6,8 +6,9 @@ The EMA student is exported, with the tokenizer, as a standalone Orbax checkpoin
 without the teacher: `DIR/distill/export` + `export_meta.json`.
 """
 
-import functools
+import dataclasses
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +18,13 @@ import optax
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import sampling
-from fpd_jax.data import mnist
+from fpd_jax import sharding
+from fpd_jax import data as data_lib
 from fpd_jax.distill import fpd
 from fpd_jax.distill import gan as gan_lib
 from fpd_jax.errors import UserError
 from fpd_jax.models import build
+from fpd_jax.models import dino
 from fpd_jax.models import feature_encoder
 from fpd_jax.train import eval_net as eval_net_stage
 from fpd_jax.train import loop
@@ -30,6 +33,7 @@ from fpd_jax.train import teacher as teacher_stage
 from fpd_jax.train import tokenizer as tokenizer_stage
 
 DRIFT_SPACES = ('features', 'pixels')
+FEATURE_ENCODERS = ('feature_net', 'dino')
 
 
 def batch_size(cfg) -> int:
@@ -41,6 +45,8 @@ def validate(config) -> None:
   cfg = config.distill
   if cfg.drift_space not in DRIFT_SPACES:
     raise UserError(f'config.distill.drift_space={cfg.drift_space!r}; choose one of {DRIFT_SPACES}.')
+  if cfg.get('feature_encoder', 'feature_net') not in FEATURE_ENCODERS:
+    raise UserError(f'config.distill.feature_encoder={cfg.feature_encoder!r}; choose one of {FEATURE_ENCODERS}.')
   if cfg.refine_source not in fpd.REFINE_SOURCES:
     raise UserError(f'config.distill.refine_source={cfg.refine_source!r}; choose one of {fpd.REFINE_SOURCES}.')
   if cfg.lift not in ('ste', 'soft'):
@@ -55,13 +61,41 @@ def validate(config) -> None:
     raise UserError(f'config.distill.remask_range={tuple(cfg.remask_range)} must satisfy 0 < lo <= hi <= 1.')
 
 
-def feature_encoder_for(config, workdir: str):
-  """(encoder, params) of the drift feature space: the trained feature_net, or pixels for the ablation."""
+def feature_encoder_of(config):
+  """The drift feature space phi: DINO (`config.dino`), the trained feature_net's ConvNet, or pixels."""
   cfg = config.distill
   if cfg.drift_space == 'pixels':
-    return feature_encoder.PixelFeatures(cfg.pixel_grid), {}
-  net, params, _ = eval_net_stage.load('feature_net', config.feature_net, config, workdir)
-  return feature_encoder.ConvNetFeatures(net, tuple(cfg.feature_layers), cfg.feature_grid), params
+    return feature_encoder.PixelFeatures(cfg.pixel_grid)
+  if cfg.get('feature_encoder', 'feature_net') == 'dino':
+    return dino.from_config(config.dino)
+  net = eval_net_stage.build_net(config.feature_net, config.data.num_classes)
+  return feature_encoder.ConvNetFeatures(net, tuple(cfg.feature_layers), cfg.feature_grid)
+
+
+def with_random_weights(config):
+  """A copy of the config whose imported models (teacher, tokenizer, DINO) are random inits of the same shapes
+  (compile reports and benchmarks; values do not change speed or memory)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.teacher.pretrained = 'random'
+    config.tokenizer.pretrained = 'random'
+    if 'dino' in config:
+      config.dino.weights = 'random'
+  return config
+
+
+def load_frozen_params(config, workdir: str) -> dict:
+  """The frozen parameters of the FPD step: {'teacher', 'tokenizer', 'features'} (wherever the config says)."""
+  cfg = config.distill
+  teacher = teacher_stage.load(config, workdir)[1]
+  tokenizer = tokenizer_stage.load(config, workdir)[1]
+  if cfg.drift_space == 'pixels':
+    features = {}
+  elif cfg.get('feature_encoder', 'feature_net') == 'dino':
+    features = dino.load_params(config.dino)
+  else:
+    features = eval_net_stage.load('feature_net', config.feature_net, config, workdir)[1]
+  return {'teacher': teacher, 'tokenizer': tokenizer, 'features': features}
 
 
 def condition_batch(seed: int, step: int, num_classes: int, cfg) -> np.ndarray:
@@ -72,9 +106,8 @@ def condition_batch(seed: int, step: int, num_classes: int, cfg) -> np.ndarray:
 
 
 def make_train_step(models: fpd.FPDModels, tx, disc_tx, cfg):
-  """The pure FPD train step `(state, frozen_params, batch, rng) -> (state, metrics)`, jitted once."""
+  """The pure FPD train step `(state, frozen_params, batch, rng) -> (state, metrics)`; `loop.run` jits it."""
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, frozen_params, batch, rng):
     loss_rng, _ = jax.random.split(rng)
     disc_params = state.get('disc_params', {})
@@ -102,33 +135,36 @@ def make_train_step(models: fpd.FPDModels, tx, disc_tx, cfg):
 
 
 def build_models(config, features) -> fpd.FPDModels:
-  return fpd.FPDModels(teacher=build.teacher(config), tokenizer=build.tokenizer(config), features=features,
+  """The FPD modules; the teacher/student and the tokenizer compute in `distill.compute_dtype` (parameters and
+  optimizer state stay float32)."""
+  dtype = jnp.dtype(config.distill.get('compute_dtype', 'float32'))
+  return fpd.FPDModels(teacher=build.teacher(config, dtype=dtype), tokenizer=build.tokenizer(config, dtype=dtype),
+                       features=features,
                        discriminator=gan_lib.Discriminator(tuple(config.distill.gan.widths)),
                        grid=build.token_grid(config))
 
 
-def run(config, workdir: str, stage_dir: str | None = None) -> dict:
-  """Distills the trained teacher; exports the EMA student (+ tokenizer) to `<stage_dir>/export`."""
-  validate(config)
+@dataclasses.dataclass
+class Trainer:
+  """What the distill loop runs: the models, the pure step, its optimizers and how to start."""
+  models: fpd.FPDModels
+  step: Callable  # (state, frozen_params, batch, rng) -> (state, metrics), not yet jitted.
+  init_state: Callable  # teacher params -> initial state (the student starts as the teacher).
+  rng: jax.Array  # Root key of the loop (step s uses fold_in(rng, s)).
+
+
+def trainer(config) -> Trainer:
+  """The FPD step and its initial state for a config (no parameters loaded: also used to compile abstractly)."""
   cfg = config.distill
-  stage_dir = stage_dir or os.path.join(workdir, 'distill')
-  _, teacher_params = teacher_stage.load(config, workdir)
-  _, tokenizer_params = tokenizer_stage.load(config, workdir)
-  features, feature_params = feature_encoder_for(config, workdir)
-  models = build_models(config, features)
-  frozen_params = {'teacher': teacher_params, 'tokenizer': tokenizer_params, 'features': feature_params}
+  models = build_models(config, feature_encoder_of(config))
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   gan_cfg = ml_collections.ConfigDict({'learning_rate': cfg.gan.learning_rate, 'num_steps': cfg.num_steps})
   disc_tx = optim.make_optimizer(gan_cfg, config.train.grad_clip)
   init_rng, rng = jax.random.split(jax.random.key(config.seed + 5))
   size, channels = config.data.image_size, config.data.channels
-  reals = None
-  if cfg.gan.enabled:
-    reals = mnist.batch_dataset(mnist.data_source(os.path.join(workdir, 'data'), 'train'), batch_size(cfg),
-                                seed=config.seed + 6)
 
-  def init_state():
-    params = jax.tree.map(jnp.copy, teacher_params)  # The student starts as the teacher.
+  def init_state(teacher_params):
+    params = jax.tree.map(jnp.copy, teacher_params)
     state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
              'ema_params': jax.tree.map(jnp.copy, params)}
     if cfg.gan.enabled:
@@ -136,17 +172,41 @@ def run(config, workdir: str, stage_dir: str | None = None) -> dict:
       state.update(disc_params=disc, disc_opt_state=disc_tx.init(disc))
     return state
 
+  return Trainer(models, make_train_step(models, tx, disc_tx, cfg), init_state, rng)
+
+
+def example_batch(config) -> dict:
+  """The global batch of step 0 as ShapeDtypeStructs (labels, and real images with the GAN)."""
+  b, size = batch_size(config.distill), config.data.image_size
+  batch = {'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
+  if config.distill.gan.enabled:
+    batch['image'] = jax.ShapeDtypeStruct((b, size, size, config.data.channels), jnp.float32)
+  return batch
+
+
+def run(config, workdir: str, stage_dir: str | None = None) -> dict:
+  """Distills the teacher; exports the EMA student (+ tokenizer) to `<stage_dir>/export`."""
+  validate(config)
+  cfg = config.distill
+  stage_dir = stage_dir or os.path.join(workdir, 'distill')
+  frozen_params = load_frozen_params(config, workdir)
+  train = trainer(config)
+  reals = None
+  if cfg.gan.enabled:
+    reals = data_lib.real_images(config, workdir, batch_size(cfg), seed=config.seed + 6)
+
   def batch_fn(step):
-    batch = {'label': condition_batch(config.seed + 5, step, config.data.num_classes, cfg)}
+    batch = {'label': sharding.host_rows(condition_batch(config.seed + 5, step, config.data.num_classes, cfg))}
     if reals is not None:
       batch['image'] = reals[step]['image']
     return batch
 
-  step = make_train_step(models, tx, disc_tx, cfg)
   state = loop.run(os.path.basename(stage_dir), stage_dir, loop.loop_config(config, cfg, batch_size(cfg)),
-                   init_state, lambda s, b, r: step(s, frozen_params, b, r), batch_fn, rng)
+                   lambda: train.init_state(frozen_params['teacher']), train.step, batch_fn, train.rng,
+                   partitioner=sharding.Partitioner.from_config(config), frozen=(frozen_params,))
   ckpt_lib.export(os.path.join(stage_dir, 'export'),
-                  {'student': state['ema_params'], 'tokenizer': tokenizer_params}, {'config': config.to_dict()})
+                  {'student': state['ema_params'], 'tokenizer': frozen_params['tokenizer']},
+                  {'config': config.to_dict()})
   return {'steps': cfg.num_steps, 'batch_size': batch_size(cfg)}
 
 

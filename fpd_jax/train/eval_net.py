@@ -14,6 +14,7 @@ import optax
 
 from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sharding
 from fpd_jax.data import mnist
 from fpd_jax.models import classifier
 from fpd_jax.train import loop
@@ -27,9 +28,8 @@ def build_net(cfg, num_classes: int) -> classifier.ConvNet:
 
 
 def make_train_step(net, tx):
-  """The pure, jitted classifier train step (random-shift augmentation, cross-entropy)."""
+  """The pure classifier train step (random-shift augmentation, cross-entropy); `loop.run` jits it."""
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, batch, rng):
     images = classifier.augment(rng, batch['image'])
 
@@ -56,7 +56,8 @@ def train_classifier(name: str, section, config, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, name)
   data_dir = os.path.join(workdir, 'data')
   net = build_net(section, config.data.num_classes)
-  batches = mnist.batch_dataset(mnist.data_source(data_dir, 'train'), section.batch_size, seed=section.seed)
+  batches = mnist.batch_dataset(mnist.data_source(data_dir, 'train'), section.batch_size, seed=section.seed,
+                                **sharding.host_shard(section.batch_size))
   tx = optim.make_optimizer(section, config.train.grad_clip)
   init_rng, rng = jax.random.split(jax.random.key(section.seed))
 
@@ -65,7 +66,7 @@ def train_classifier(name: str, section, config, workdir: str) -> dict:
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   state = loop.run(name, stage_dir, loop.loop_config(config, section), init_state, make_train_step(net, tx),
-                   lambda s: batches[s], rng)
+                   lambda s: batches[s], rng, partitioner=sharding.Partitioner.from_config(config))
   test = mnist.load_arrays(data_dir, 'test')
   accuracy = float(np.mean(predict(net, state['params'], test['image']) == test['label']))
   print(f'[{name}] test accuracy {accuracy:.4f}')

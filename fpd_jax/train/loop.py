@@ -1,7 +1,10 @@
 """The one training loop every stage uses: resume, step, log, check finiteness, checkpoint.
 
-A stage supplies a pure jitted `step(state, batch, rng) -> (state, metrics)`, a way to build the initial state and
-the batch of a given step. Data order and randomness are functions of the step (the batch of step s is
+A stage supplies a pure train step `step(state, [*frozen,] batch, rng) -> (state, metrics)`, a way to build the
+initial state and the batch of a given step. The loop places everything on the configured mesh
+(`fpd_jax.sharding.Partitioner`): the state is created already sharded, restored onto the current mesh's shardings
+(whatever mesh wrote it), the frozen trees are placed by the same partition rules, the batch is split over the
+data axes, and the step is jitted with in/out shardings and the state donated. Data order and randomness are functions of the step (the batch of step s is
 `batch_fn(s)`, its key `fold_in(rng, s)`), so a resumed run continues exactly like an uninterrupted one.
 
 SIGTERM (and the TPU preemption notice) stop a run cleanly: the step in progress finishes, is checkpointed, and
@@ -22,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sharding
 from fpd_jax.errors import UserError
 
 
@@ -112,7 +116,8 @@ class _StopRequests:
 
 def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any],
         step_fn: Callable[[Any, Any, jax.Array], tuple[Any, dict]], batch_fn: Callable[[int], Any],
-        rng: jax.Array, on_checkpoint: Callable[[int, Any], None] | None = None) -> Any:
+        rng: jax.Array, on_checkpoint: Callable[[int, Any], None] | None = None, *,
+        partitioner: sharding.Partitioner, frozen: tuple = ()) -> Any:
   """Trains a stage to `cfg.num_steps`, resuming from its latest checkpoint, and returns the final state.
 
   A SIGTERM (or JAX's preemption notice) received meanwhile ends the run after the step in progress: that step
@@ -123,10 +128,13 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
     stage_dir: `DIR/<stage>`; checkpoints go to `checkpoints/`, rows to `metrics.jsonl`.
     cfg: loop settings.
     init_state: builds the initial state pytree (a dict with 'step'); also the restore target.
-    step_fn: the jitted pure train step. Its metrics must include 'loss'.
-    batch_fn: step -> batch.
+    step_fn: the pure train step `(state, *frozen, batch, rng) -> (state, metrics)` (jitted here with the
+      partitioner's shardings). Its metrics must include 'loss'.
+    batch_fn: step -> this host's rows of the global batch of that step.
     rng: the stage's root key; step s uses `fold_in(rng, s)`.
     on_checkpoint: optional hook called after each save.
+    partitioner: the mesh and partition rules (`sharding.Partitioner.from_config(config)`).
+    frozen: trees the step reads but never updates (e.g. teacher parameters), placed by the partition rules.
 
   Raises:
     NonFiniteLossError: a metric of some step was NaN/Inf (that state is not saved; earlier checkpoints stay).
@@ -136,10 +144,14 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
   os.makedirs(stage_dir, exist_ok=True)
   metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
   mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), cfg.keep_checkpoints)
-  state = init_state()
+  state = partitioner.init(init_state)
   start, state = ckpt_lib.restore_latest(mngr, state)
+  frozen = tuple(partitioner.put(f) for f in frozen)
+  jitted = partitioner.jit_step(step_fn, state, *frozen)
   start = 0 if start is None else start
-  _truncate_metrics(metrics_path, start)
+  main_host = jax.process_index() == 0  # Only process 0 writes metrics rows and shows progress.
+  if main_host:
+    _truncate_metrics(metrics_path, start)
   if start:
     print(f'[{name}] resuming from step {start}')
 
@@ -148,12 +160,13 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
     if on_checkpoint:
       on_checkpoint(step, state)
 
-  bar = tqdm(total=cfg.num_steps, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
+  bar = tqdm(total=cfg.num_steps, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0,
+             disable=not main_host)
   window_t, window_steps = time.perf_counter(), 0
   done, stop_reason = start, None
-  with _StopRequests(mngr) as stop, open(metrics_path, 'a') as log:
+  with _StopRequests(mngr) as stop, open(metrics_path if main_host else os.devnull, 'a') as log:
     for step in range(start, cfg.num_steps):
-      state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
+      state, metrics = jitted(state, *frozen, partitioner.batch(batch_fn(step)), jax.random.fold_in(rng, step))
       metrics = _host(metrics)
       if step + 1 == cfg.inject_nan_at_step:
         metrics['loss'] = float('nan')

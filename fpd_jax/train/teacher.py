@@ -4,7 +4,6 @@ Each step: sample r ~ U[0,1), mask `ceil(gamma(r) * N)` tokens, drop the conditi
 probability `p_uncond` (for CFG), and minimise label-smoothed cross-entropy on the masked positions.
 """
 
-import functools
 import os
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sharding
 from fpd_jax import mask_schedule
 from fpd_jax.data import mnist
 from fpd_jax.models import build
@@ -38,9 +38,8 @@ def masked_token_loss(model, params, tokens, cond, rng, *, label_smoothing: floa
 
 
 def make_train_step(model, tx, cfg):
-  """The pure, jitted teacher train step `(state, batch, rng) -> (state, metrics)`."""
+  """The pure teacher train step `(state, batch, rng) -> (state, metrics)`; `loop.run` jits it."""
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, batch, rng):
     def loss_fn(params):
       return masked_token_loss(model, params, batch['tokens'], batch['label'], rng,
@@ -63,7 +62,7 @@ def run(config, workdir: str) -> dict:
   num_tokens = build.token_grid(config) ** 2
   tokens, labels = tokenizer_stage.tokenize_split(config, workdir, 'train')
   batches = mnist.batch_dataset(mnist.ArraySource({'tokens': tokens, 'label': labels}), cfg.batch_size,
-                                seed=config.seed + 2)
+                                seed=config.seed + 2, **sharding.host_shard(cfg.batch_size))
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   init_rng, rng = jax.random.split(jax.random.key(config.seed + 2))
 
@@ -72,14 +71,27 @@ def run(config, workdir: str) -> dict:
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   state = loop.run('teacher', stage_dir, loop.loop_config(config, cfg), init_state,
-                   make_train_step(model, tx, cfg), lambda s: batches[s], rng)
+                   make_train_step(model, tx, cfg), lambda s: batches[s], rng,
+                   partitioner=sharding.Partitioner.from_config(config))
   ckpt_lib.export(os.path.join(stage_dir, 'export'), state['params'], {'config': config.to_dict()})
   return {'steps': cfg.num_steps, 'num_params': int(sum(np.size(x) for x in jax.tree.leaves(state['params'])))}
 
 
 def load(config, workdir: str):
-  """(model, params) of the trained teacher."""
+  """(model, params) of the teacher; `config.teacher.pretrained` says where the parameters come from.
+
+  - '' (default): the teacher stage's export `DIR/teacher/export` of `workdir`.
+  - a directory written by `python -m fpd_jax.tools.import_maskgit` (its `--out`, or the `teacher/` inside it): the
+    imported released MaskGIT transformer.
+  - 'random': a random init with the configured shapes, from `config.seed` as the teacher stage draws it (smoke
+    tests and benchmarks at the real size).
+  """
   model = build.teacher(config)
-  target = jax.eval_shape(lambda: model.init(jax.random.key(0), build.token_grid(config) ** 2,
-                                             jnp.zeros((1,), jnp.int32))['params'])
-  return model, ckpt_lib.load_export(os.path.join(workdir, 'teacher', 'export'), target, 'the teacher')
+  num_tokens = build.token_grid(config) ** 2
+
+  def init(rng):
+    return model.init(rng, num_tokens, jnp.zeros((1,), jnp.int32))['params']
+
+  return model, ckpt_lib.load_stage_params(
+      config.teacher.get('pretrained', ''), workdir, 'teacher', init, config.seed + 2,
+      'python -m fpd_jax.tools.import_maskgit --transformer=maskgit_imagenet256_checkpoint')

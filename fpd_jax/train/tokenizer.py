@@ -14,6 +14,7 @@ import optax
 
 from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sharding
 from fpd_jax.data import mnist
 from fpd_jax.models import build
 from fpd_jax.models import vqgan
@@ -22,10 +23,9 @@ from fpd_jax.train import optim
 
 
 def make_train_step(model, tx, cfg):
-  """The pure, jitted tokenizer train step `(state, batch, rng) -> (state, metrics)`."""
+  """The pure tokenizer train step `(state, batch, rng) -> (state, metrics)`; `loop.run` jits it."""
   restart_every = cfg.dead_code_restart_every
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, batch, rng):
     images = batch['image']
 
@@ -68,7 +68,7 @@ def run(config, workdir: str) -> dict:
   cfg = config.tokenizer
   model = build.tokenizer(config)
   batches = mnist.batch_dataset(mnist.data_source(os.path.join(workdir, 'data'), 'train'), cfg.batch_size,
-                                seed=config.seed + 1)
+                                seed=config.seed + 1, **sharding.host_shard(cfg.batch_size))
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   init_rng, rng = jax.random.split(jax.random.key(config.seed + 1))
 
@@ -78,16 +78,24 @@ def run(config, workdir: str) -> dict:
             'usage': jnp.zeros((cfg.codebook_size,), jnp.int32)}
 
   state = loop.run('tokenizer', stage_dir, loop.loop_config(config, cfg), init_state,
-                   make_train_step(model, tx, cfg), lambda s: batches[s], rng)
+                   make_train_step(model, tx, cfg), lambda s: batches[s], rng,
+                   partitioner=sharding.Partitioner.from_config(config))
   ckpt_lib.export(os.path.join(stage_dir, 'export'), state['params'], {'config': config.to_dict()})
   return {'steps': cfg.num_steps}
 
 
 def load(config, workdir: str):
-  """(model, params) of the trained tokenizer."""
-  target = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-  return build.tokenizer(config), ckpt_lib.load_export(os.path.join(workdir, 'tokenizer', 'export'), target,
-                                                       'the tokenizer')
+  """(model, params) of the tokenizer; `config.tokenizer.pretrained` says where the parameters come from.
+
+  - '' (default): the tokenizer stage's export `DIR/tokenizer/export` of `workdir`.
+  - a directory written by `python -m fpd_jax.tools.import_maskgit` (its `--out`, or the `tokenizer/` inside it):
+    the imported released MaskGIT VQGAN.
+  - 'random': a random init with the configured shapes, from `config.seed` as the tokenizer stage draws it (smoke
+    tests and benchmarks at the real size).
+  """
+  return build.tokenizer(config), ckpt_lib.load_stage_params(
+      config.tokenizer.get('pretrained', ''), workdir, 'tokenizer', lambda rng: init_params(config, rng),
+      config.seed + 1, 'python -m fpd_jax.tools.import_maskgit --tokenizer=tokenizer_imagenet256_checkpoint')
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -1,0 +1,62 @@
+"""Partition rules and mesh sizes (here, on one device), and the multi-device suite on 8 fake CPU devices."""
+
+import os
+import subprocess
+import sys
+
+import jax
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import pytest
+
+from configs import demo
+from fpd_jax import sharding
+from fpd_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH = AbstractMesh((2, 4), sharding.AXES)
+RULES = tuple(demo.mesh_config().rules)
+
+
+@pytest.mark.parametrize('name,shape,spec', [
+    ('TransformerLayer_3/Mlp_0/intermediate_output/kernel', (768, 3072), P('fsdp', None)),
+    ('opt_state/0/mu/TransformerLayer_3/Mlp_0/layer_output/kernel', (3072, 768), P(None, 'fsdp')),
+    ('TransformerLayer_0/Attention_0/self_attention/query/kernel', (768, 16, 48), P('fsdp', None, None)),
+    ('Embed_0/word_embeddings/embedding', (2025, 768), P(None, 'fsdp')),
+    ('decoder/ResBlock_0/Conv_0/kernel', (3, 3, 512, 512), P(None, None, None, 'fsdp')),
+    ('TransformerLayer_0/Mlp_0/layer_output/bias', (768,), P()),
+    ('MlmLayer_0/mlm_dense/kernel', (30, 768), P(None, None)),  # 30 rows: not divisible by 4, replicated.
+])
+def test_partition_rules(name, shape, spec):
+  assert sharding.spec_for(name, shape, RULES, MESH) == spec
+
+
+def test_mesh_shape_resolves_minus_one_and_names_bad_sizes():
+  assert sharding.mesh_shape({'data': -1, 'fsdp': 4}, 8) == (2, 4)
+  assert sharding.mesh_shape({'data': 1, 'fsdp': -1}, 8) == (1, 8)
+  with pytest.raises(UserError, match='needs 6 devices but 8'):
+    sharding.mesh_shape({'data': 2, 'fsdp': 3}, 8)
+  with pytest.raises(UserError, match='at most one axis'):
+    sharding.mesh_shape({'data': -1, 'fsdp': -1}, 8)
+
+
+def test_bad_rule_regex_is_a_user_error():
+  config = ml_collections.ConfigDict({'mesh': {'data': -1, 'fsdp': 1, 'rules': (('(unclosed', ('fsdp',)),)}})
+  with pytest.raises(UserError, match='bad regular expression'):
+    sharding.Partitioner.from_config(config)
+
+
+def test_single_device_partitioner_places_batches_and_states():
+  partitioner = sharding.Partitioner.from_config(demo.get_config('tiny'))
+  assert partitioner.data_parallel == jax.device_count()
+  assert partitioner.batch({'x': [[1.0]]})['x'].shape == (1, 1)
+
+
+def test_multidevice_suite_on_8_fake_devices():
+  """Runs tests/multidevice (sharded FPD step vs one device, shardings, restore across meshes, tiny pipeline)."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-o', 'addopts=',
+                         'tests/multidevice'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert ' passed' in proc.stdout and 'skipped' not in proc.stdout, proc.stdout[-2000:]
