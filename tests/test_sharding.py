@@ -8,6 +8,7 @@ import jax
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import demo
@@ -50,7 +51,8 @@ def test_bad_rule_regex_is_a_user_error():
 def test_single_device_partitioner_places_batches_and_states():
   partitioner = sharding.Partitioner.from_config(demo.get_config('tiny'))
   assert partitioner.data_parallel == jax.device_count()
-  assert partitioner.batch({'x': [[1.0]]})['x'].shape == (1, 1)
+  batch = partitioner.batch({'x': np.ones((4, 3), np.float32)})['x']
+  assert batch.shape == (4, 3) and batch.sharding.spec == P(sharding.BATCH_AXES)
 
 
 def test_multidevice_suite_on_8_fake_devices():
