@@ -46,6 +46,10 @@ def test_default_config_validates_and_names_missing_imports(tmp_path):
   config = imagenet.get_config()
   stages.validate(config)
   assert distill.batch_size(config.distill) == 32
+  config.distill.compute_dtype = 'bf16'
+  with pytest.raises(UserError, match='compute_dtype'):
+    stages.validate(config)
+  config.distill.compute_dtype = 'bfloat16'
   config.teacher.pretrained = str(tmp_path / 'nothing')
   with pytest.raises(UserError, match='import_maskgit'):
     distill.load_frozen_params(config, str(tmp_path))

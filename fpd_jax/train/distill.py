@@ -47,6 +47,8 @@ def validate(config) -> None:
     raise UserError(f'config.distill.drift_space={cfg.drift_space!r}; choose one of {DRIFT_SPACES}.')
   if cfg.get('feature_encoder', 'feature_net') not in FEATURE_ENCODERS:
     raise UserError(f'config.distill.feature_encoder={cfg.feature_encoder!r}; choose one of {FEATURE_ENCODERS}.')
+  if cfg.get('compute_dtype', 'float32') not in ('float32', 'bfloat16'):
+    raise UserError(f"config.distill.compute_dtype={cfg.compute_dtype!r}; choose 'float32' or 'bfloat16'.")
   if cfg.refine_source not in fpd.REFINE_SOURCES:
     raise UserError(f'config.distill.refine_source={cfg.refine_source!r}; choose one of {fpd.REFINE_SOURCES}.')
   if cfg.lift not in ('ste', 'soft'):
