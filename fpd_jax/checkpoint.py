@@ -227,7 +227,8 @@ def export(directory: str, params, meta: dict | None = None) -> None:
 
 
 def load_export(directory: str, target, what: str):
-  """Restores an `export()`ed parameter tree into the structure (and shardings) of `target`."""
+  """Restores an `export()`ed parameter tree into the structure (and shardings) of `target`; leaves of `target`
+  without a sharding are placed on this process's first device."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise UserError(f'{what} not found at {directory}; run the stage that writes it first.')
@@ -239,7 +240,13 @@ def load_export(directory: str, target, what: str):
                     'writes it.') from e
   tree = getattr(stored, 'item_metadata', stored)
   check_compatible(target, getattr(tree, 'tree', tree), f'{what} at {directory}')
-  return ckptr.restore(directory, abstract(target))
+  # Leaves without a target sharding go to this process's first device, never to the sharding the export was
+  # written with: evaluation and sampling then run without cross-device collectives, whatever mesh trained it.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  placed = jax.tree.map(lambda x: x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                          sharding=local),
+                        abstract(target))
+  return ckptr.restore(directory, placed)
 
 
 def load_stage_params(pretrained: str, workdir: str, stage: str, init, seed: int, import_hint: str):
