@@ -148,6 +148,11 @@ class Partitioner:
     """Shardings of a state or parameter tree by the rules."""
     return tree_shardings(tree, self.mesh, self.rules)
 
+  def abstract(self, tree):
+    """ShapeDtypeStructs of `tree` carrying its rule shardings (to lower or compile without arrays)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree,
+                        self.shardings(tree))
+
   def init(self, init_fn: Callable[[], Any]):
     """Runs `init_fn` jitted with out_shardings: parameters are created where they live."""
     shardings = self.shardings(jax.eval_shape(init_fn))

@@ -66,8 +66,6 @@ def measure(config, frozen, devices: list, fsdp: int, steps: int) -> dict:
   batch_size = distill.batch_size(config.distill)
   labels = distill.condition_batch(config.seed, 0, config.data.num_classes, config.distill)
   batch = partitioner.batch({'label': labels})
-  if config.distill.gan.enabled:
-    raise UserError('the benchmark measures the FPD step without the GAN; pass --config.distill.gan.enabled=False.')
   for i in range(2):
     state, metrics = step(state, placed, batch, jax.random.key(i))
   jax.block_until_ready(metrics)
@@ -91,6 +89,9 @@ def main(argv):
     counts = [int(n) for n in _DEVICES.value]
     if max(counts) > jax.device_count():
       raise UserError(f'--devices asks for {max(counts)} devices but {jax.device_count()} are available.')
+    if config.distill.gan.enabled:
+      raise UserError('the benchmark measures the FPD step without the GAN; pass '
+                      '--config.distill.gan.enabled=False.')
     frozen = random_frozen_params(config)
     rows = []
     for n in counts:

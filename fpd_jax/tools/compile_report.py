@@ -43,10 +43,7 @@ def compile_step(config, batch_size: int, partitioner: sharding.Partitioner) -> 
   train = distill.trainer(config)
   frozen = jax.eval_shape(lambda: distill.load_frozen_params(config, workdir=''))
   state = jax.eval_shape(train.init_state, frozen['teacher'])
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                       partitioner.shardings(state))
-  frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen,
-                        partitioner.shardings(frozen))
+  state, frozen = partitioner.abstract(state), partitioner.abstract(frozen)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=partitioner.batch_sharding),
                        distill.example_batch(config))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=partitioner.replicated)
