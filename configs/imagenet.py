@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = ('distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors.
   c.distributed = False  # Multi-process run (the launch/ scripts set it): jax.distributed.initialize() first.
+  c.concurrent_stages = 1  # Stages run at once when independent (threads; the demo uses 2 on its CPU).
+  c.compilation_cache = ''  # Persistent XLA compilation cache: '' = DIR/jax_cache, 'off', or a shared path.
 
   # ---- Data: ImageNet via TFDS (manual download; array_record), used only for the optional GAN's real images and
   # for FID reference statistics computed from a split.

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ import pytest
 from configs import demo
 from fpd_jax import stages
 from fpd_jax.errors import UserError
+from fpd_jax.train import eval_net as eval_net_stage
 from fpd_jax.train import loop
 from fpd_jax.train import teacher as teacher_stage
+from fpd_jax.train import tokenizer as tokenizer_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +55,39 @@ def test_end_to_end_report_and_artifacts(tiny_run):
   assert [r['step'] for r in rows] == list(range(config.train.log_every, config.teacher.num_steps + 1,
                                                  config.train.log_every))
   assert all({'step', 'loss', 'images_per_sec'} <= set(r) for r in rows)
+
+
+def _done(workdir, name):
+  with open(os.path.join(workdir, name, 'done.json')) as f:
+    return json.load(f)
+
+
+def test_concurrent_stages_overlap_and_compute_what_sequential_stages_compute(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  assert config.concurrent_stages == 2
+  # eval_net reads only the data: it trained while the tokenizer did.
+  assert _done(workdir, 'eval_net')['started_at'] < _done(workdir, 'tokenizer')['finished_at']
+  # Training starts after what it reads: teacher after tokenizer, distill after teacher and feature_net.
+  assert _done(workdir, 'teacher')['started_at'] >= _done(workdir, 'tokenizer')['finished_at']
+  for dep in ('teacher', 'feature_net'):
+    assert _done(workdir, 'distill')['started_at'] >= _done(workdir, dep)['finished_at']
+  sequential = demo.get_config('tiny')
+  sequential.concurrent_stages = 1
+  sequential.stages = ('data', 'tokenizer', 'eval_net')
+  stages.run_pipeline(sequential, str(tmp_path))
+  assert _done(str(tmp_path), 'eval_net')['started_at'] >= _done(str(tmp_path), 'tokenizer')['finished_at']
+  chex.assert_trees_all_equal(tokenizer_stage.load(config, workdir)[1],
+                              tokenizer_stage.load(sequential, str(tmp_path))[1])
+  chex.assert_trees_all_equal(eval_net_stage.load('eval_net', config.eval_net, config, workdir)[1],
+                              eval_net_stage.load('eval_net', sequential.eval_net, sequential, str(tmp_path))[1])
+
+
+def test_stage_dependencies():
+  order = tuple(demo.get_config().stages)
+  assert stages.dependencies('teacher', order) == ('data', 'tokenizer')
+  assert stages.dependencies('eval_net', order) == ('data',)
+  assert stages.dependencies('evaluate', order) == order[:-1]
+  assert stages.dependencies('distill', ('distill', 'evaluate')) == ()  # Imported teacher: nothing to wait for.
 
 
 def test_rerun_skips_finished_stages(tiny_run, capsys):

@@ -138,6 +138,7 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_run(reference
   assert status == 0, err_text[-2000:]
   assert f'[teacher] resuming from step {last}' in out, out
   _assert_same_as_reference(workdir, clean)
+  assert os.listdir(os.path.join(workdir, 'jax_cache')), 'no compiled program was kept for later runs'
   assert not glob.glob(os.path.join(workdir, 'teacher', 'checkpoints', '*.orbax-checkpoint-tmp*')), \
       'a save cut short by the kill left its temporary directory behind'
 

@@ -37,6 +37,8 @@ def markdown(result: dict) -> str:
     if section in result:
       lines += ['', f'## {section}', '', '| key | value |', '|---|---|']
       lines += [f'| {k} | {_fmt(v)} |' for k, v in result[section].items()]
+  if 'wall_clock_s' in result:
+    lines += ['', f'Wall clock of the run (stages may overlap): {_fmt(result["wall_clock_s"])} s.']
   return '\n'.join(lines) + '\n'
 
 
@@ -51,12 +53,14 @@ def write(workdir: str, result: dict) -> None:
     os.replace(path + '.tmp', path)
 
 
-def add_timings(workdir: str, timings: dict) -> None:
-  """Adds `timings_s` (seconds per stage) to an existing report."""
+def add_timings(workdir: str, timings: dict, wall_clock: float) -> None:
+  """Adds `timings_s` (seconds per stage; stages may overlap) and `wall_clock_s` (seconds the command that ran
+  the last stages took, skipped stages excluded) to an existing report."""
   path = os.path.join(workdir, 'report.json')
   if not os.path.exists(path):
     return
   with open(path) as f:
     result = json.load(f)
   result['timings_s'] = timings
+  result['wall_clock_s'] = wall_clock
   write(workdir, result)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fpd_jax import conditioning as cond_lib
+from fpd_jax.models import layers
 
 LAYERNORM_EPSILON = 1e-12  # BERT's.
 
@@ -47,7 +48,8 @@ class SelfAttention(nn.Module):
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
     init = truncated_normal(0.02)
-    qkv = [nn.DenseGeneral((self.num_heads, head_dim), kernel_init=init, dtype=self.dtype, name=name)(x)
+    qkv = [nn.DenseGeneral((self.num_heads, head_dim), kernel_init=init, dtype=self.dtype, name=name,
+                           dot_general=layers.matmul_dot_general)(x)
            for name in ('query', 'key', 'value')]
     if deterministic or self.dropout == 0.0:
       out = jax.nn.dot_product_attention(*qkv)  # Fused kernel where the backend has one (cuDNN on GPU).
@@ -56,7 +58,8 @@ class SelfAttention(nn.Module):
       logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k).astype(jnp.float32)
       weights = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
-    return nn.DenseGeneral(hidden, axis=(-2, -1), kernel_init=init, dtype=self.dtype, name='out')(out)
+    return nn.DenseGeneral(hidden, axis=(-2, -1), kernel_init=init, dtype=self.dtype, name='out',
+                           dot_general=layers.matmul_dot_general)(out)
 
 
 class Attention(nn.Module):
@@ -82,9 +85,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     init = truncated_normal(0.02)
-    h = nn.Dense(self.mlp_dim, kernel_init=init, dtype=self.dtype, name='intermediate_output')(x)
+    h = nn.Dense(self.mlp_dim, kernel_init=init, dtype=self.dtype, name='intermediate_output',
+                 dot_general=layers.matmul_dot_general)(x)
     h = jax.nn.gelu(h, approximate=True)
-    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name='layer_output')(h)
+    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name='layer_output',
+                 dot_general=layers.matmul_dot_general)(h)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     return nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name='layer_output_ln')(h + x)
 
@@ -131,9 +136,10 @@ class MlmLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
-    h = nn.Dense(self.hidden_size, kernel_init=truncated_normal(0.02), dtype=self.dtype, name='mlm_dense')(x)
+    h = nn.Dense(self.hidden_size, kernel_init=truncated_normal(0.02), dtype=self.dtype, name='mlm_dense',
+                 dot_general=layers.matmul_dot_general)(x)
     h = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name='mlm_ln')(jax.nn.gelu(h))
-    logits = h @ word_embeddings.T.astype(h.dtype)
+    logits = layers.matmul_dot_general(h, word_embeddings.T.astype(h.dtype), (((h.ndim - 1,), (0,)), ((), ())))
     return MlmBias(name='mlm_bias')(logits)
 
 

@@ -75,41 +75,69 @@ def _host(metrics: dict) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
-class _StopRequests:
-  """Context manager: while active, SIGTERM only sets a flag, which `reason(step)` reports after a step.
+class SigtermFlag:
+  """While active, SIGTERM only sets a flag, which every training loop (of any thread) reads after its step.
 
-  `reason(step)` also asks Orbax whether all hosts reached JAX's preemption sync point (the TPU preemption
-  notice; `jax.experimental.multihost_utils.reached_preemption_sync_point`), which every host must ask at every
-  step. The SIGTERM handler is installed only in a single-process run on the main thread: with several
-  processes JAX's preemption service turns SIGTERM into that synchronised notice itself, and a per-host flag
-  would make hosts stop at different steps. The previous handler is restored on exit.
+  Installed by the outermost `with` when it runs on the main thread of a single-process run: with several
+  processes JAX's preemption service turns SIGTERM into a synchronised notice itself, and a per-host flag would
+  make hosts stop at different steps. Nested uses (the pipeline holds it while stages run, in worker threads too)
+  keep the outer handler; the previous handler is restored when the outermost `with` ends.
   """
 
-  def __init__(self, mngr):
-    self._mngr = mngr
-    self._sigterm = threading.Event()
+  def __init__(self):
+    self.event = threading.Event()
+    self._lock = threading.Lock()
+    self._depth = 0
     self._installed = False
     self._previous = None
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._sigterm.set())
-      self._installed = True
+    with self._lock:
+      if self._depth == 0 and jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        self.event.clear()
+        self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+        self._installed = True
+      self._depth += 1
     return self
 
   def __exit__(self, *exc):
-    if self._installed:  # `None` means the previous handler was not set from Python: restore the default.
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    with self._lock:
+      self._depth -= 1
+      if self._depth == 0 and self._installed:  # `None`: the previous handler was not set from Python.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+        self._installed = False
     return False
 
+
+SIGTERM = SigtermFlag()  # The one flag of this process (`stages.run_pipeline` holds it around all stages).
+
+
+class _StopRequests:
+  """Context manager: while active, SIGTERM only sets `SIGTERM.event`, which `reason(step)` reports after a step.
+
+  `reason(step)` also asks Orbax whether all hosts reached JAX's preemption sync point (the TPU preemption
+  notice; `jax.experimental.multihost_utils.reached_preemption_sync_point`), which every host must ask at every
+  step.
+  """
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+
+  def __enter__(self):
+    SIGTERM.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return SIGTERM.__exit__(*exc)
+
   def sigterm_received(self) -> bool:
-    """Whether a SIGTERM arrived since `__enter__`."""
-    return self._sigterm.is_set()
+    """Whether a SIGTERM arrived since the flag was installed."""
+    return SIGTERM.event.is_set()
 
   def reason(self, step: int) -> str | None:
     """'SIGTERM', 'TPU preemption notice' or None (no stop requested) after step `step`."""
     notice = self._mngr.reached_preemption(step)  # Always asked: a collective on multi-host runs.
-    if self._sigterm.is_set():
+    if self.sigterm_received():
       return 'SIGTERM'
     return 'TPU preemption notice' if notice else None
 
