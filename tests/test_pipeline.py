@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,31 @@ def test_unwritable_workdir_and_bad_sample_counts(tmp_path):
   for flag in ('--num=0', '--steps=0'):
     res = _cli('fpd_jax.sample', f'--workdir={tmp_path}', flag, f'--out={tmp_path / "x.npz"}')
     assert res.returncode == 2 and 'must be > 0' in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('sampling.temperature', 0.0, 'config.sampling.temperature=0.0 must be > 0'),
+    ('sampling.choice_temperature', -1.0, 'config.sampling.choice_temperature=-1.0 must be >= 0'),
+    ('teacher.mask_schedule', 'cosin', "config.teacher.mask_schedule='cosin'; choose one of"),
+    ('distill.student_temperature', 0.0, "must be > 0; for deterministic drafts set config.distill.student_sampling"),
+    ('distill.teacher_temperature', -0.5, 'config.distill.teacher_temperature=-0.5 must be > 0'),
+    ('distill.temperatures', (0.02, 0.0), 'config.distill.temperatures=(0.02, 0.0) must be one or more'),
+    ('distill.temperatures', (), 'config.distill.temperatures=() must be one or more'),
+])
+def test_nonpositive_temperatures_are_rejected_before_any_stage(key, value, message):
+  config = demo.get_config('tiny')
+  section, leaf = key.split('.')
+  config[section][leaf] = value
+  with pytest.raises(UserError, match=re.escape(message)):
+    stages.validate(config)  # run_pipeline calls it before any stage.
+
+
+def test_sample_cli_checks_the_stored_sampling_settings(tmp_path):
+  config = demo.get_config('tiny')
+  config.sampling.temperature = 0.0
+  os.makedirs(tmp_path / 'teacher' / 'export')
+  with open(tmp_path / 'teacher' / 'export_meta.json', 'w') as f:
+    json.dump({'config': config.to_dict()}, f)
+  res = _cli('fpd_jax.sample', f'--workdir={tmp_path}', '--model=teacher', f'--out={tmp_path / "x.npz"}')
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert 'error: config.sampling.temperature=0.0 must be > 0' in res.stderr, res.stderr[-2000:]

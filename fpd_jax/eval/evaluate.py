@@ -142,7 +142,7 @@ def teacher_generators(config, workdir: str) -> dict[str, tuple[int, Generator]]
   grid = build.token_grid(config)
   out = {}
   for steps in config.evaluate.teacher_steps:
-    sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, steps, config.sampling)
+    sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, steps, config)
     out[f'teacher_{steps}step'] = (steps, lambda labels, rng, sample=sample: sample(
         teacher_params, tokenizer_params, labels, rng))
   return out
