@@ -14,6 +14,7 @@ import pytest
 from configs import demo
 from fpd_jax import stages
 from fpd_jax.errors import UserError
+from fpd_jax.train import distill as distill_stage
 from fpd_jax.train import loop
 from fpd_jax.train import teacher as teacher_stage
 
@@ -181,3 +182,30 @@ def test_sample_cli_checks_the_stored_sampling_settings(tmp_path):
   res = _cli('fpd_jax.sample', f'--workdir={tmp_path}', '--model=teacher', f'--out={tmp_path / "x.npz"}')
   assert res.returncode == 2, res.stderr[-2000:]
   assert 'error: config.sampling.temperature=0.0 must be > 0' in res.stderr, res.stderr[-2000:]
+
+
+def test_real_data_row_is_scored_like_a_model_against_a_disjoint_reference(tiny_run):
+  config, workdir, _ = tiny_run
+  with open(os.path.join(workdir, 'report.json')) as f:
+    report = json.load(f)
+  real = report['real_data']
+  assert real['num_samples'] == config.evaluate.num_samples  # As many as every model row.
+  assert report['reference']['num_images'] == 5000 - config.evaluate.num_samples  # The held-out digits excluded.
+  assert 0 <= real['precision'] <= 1 and np.isfinite(real['fd'])
+  assert f'real_data: {config.evaluate.num_samples} held-out real digits' in open(
+      os.path.join(workdir, 'report.md')).read()
+
+
+def test_non_finite_discriminator_update_is_not_saved(tiny_run, tmp_path):
+  """With the GAN on, a NaN discriminator update (its loss still finite) stops distillation before any save."""
+  config, workdir, _ = tiny_run
+  for name in ('data', 'tokenizer', 'teacher', 'feature_net'):
+    shutil.copytree(os.path.join(workdir, name), tmp_path / name)
+  config = config.copy_and_resolve_references()
+  config.distill.gan.enabled = True
+  config.distill.gan.learning_rate = float('nan')
+  config.train.checkpoint_every = 1
+  with pytest.raises(loop.NonFiniteLossError, match=r'non-finite parameters/optimizer state at step 1 .*last good '
+                     r'checkpoint is step None'):
+    distill_stage.run(config, str(tmp_path))
+  assert not os.listdir(tmp_path / 'distill' / 'checkpoints')
