@@ -233,7 +233,8 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
       bar.update(1)
       stop_reason = stop.reason(done)
       log_now = done % cfg.log_every == 0 or done == cfg.num_steps
-      if not (log_now or done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop_reason):
+      save_now = done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop_reason
+      if not (log_now or save_now):
         continue  # Nothing read back: the device runs ahead, the guard keeps the first bad step.
       metrics = _host(metrics)  # Waits for this step; also the guard (same step) below.
       _check_guard(name, jax.device_get(carry[1]), metrics, done, mngr)
@@ -245,7 +246,7 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
         log.flush()
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{row["images_per_sec"]:.0f}')
         window_t, window_steps = time.perf_counter(), 0
-      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop_reason:
+      if save_now:
         save(done, carry[0])
       if stop_reason:
         break
