@@ -129,7 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- Evaluation and report.
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.teacher_steps = (1, 4, 8, 16)  # Rows teacher_<n>step of report.json.
-  c.evaluate.num_samples = 1000  # Generated images per model (class-balanced).
+  # Generated images per model (class-balanced). As many real digits (all 500 test digits first, then train digits,
+  # class-balanced) are held out as the report's real_data row; the remaining real digits are the reference of
+  # every row (FD against all of them; precision/recall against a fixed random subset of num_samples of them).
+  # At most half of the 5,000 digits.
+  c.evaluate.num_samples = 1000
   c.evaluate.batch_size = 250
   c.evaluate.knn_k = 3  # k of the k-NN manifolds for precision/recall.
   c.evaluate.grid_per_class = 10  # Columns of the sample grids (one row per class).

@@ -7,3 +7,9 @@ class UserError(Exception):
   The entry points catch it, print `error: <message>` on one line and exit with status 2
   (the full traceback only with `--config.verbose=True`).
   """
+
+
+def check_positive(key: str, value, fix: str) -> None:
+  """Raises `UserError('config.<key>=<value> must be > 0; <fix>')` unless `value > 0` (NaN fails too)."""
+  if not value > 0:
+    raise UserError(f'config.{key}={value!r} must be > 0; {fix}')

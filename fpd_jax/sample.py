@@ -48,15 +48,19 @@ def workdir_config(workdir: str, model: str) -> ml_collections.ConfigDict:
 
 
 def sampler(workdir: str, model: str, steps: int):
-  """(config, generate(labels, rng) -> images in [0, 1]) for a workdir's teacher or student."""
+  """(config, generate(labels, rng) -> images in [0, 1]) for a workdir's teacher or student.
+
+  The sampling settings of the stored config are checked (`sampling.validate`) before any model is loaded.
+  """
+  config = workdir_config(workdir, model)
+  sampling.validate(config)
   if model == 'student':
-    config, student, params, tokenizer, tokenizer_params = distill_stage.load_student(export_dir(workdir, model))
+    _, student, params, tokenizer, tokenizer_params = distill_stage.load_student(export_dir(workdir, model))
     sample = sampling.student_image_sampler(student, tokenizer, build.token_grid(config), config.distill)
   else:
-    config = workdir_config(workdir, model)
     teacher, params = teacher_stage.load(config, workdir)
     tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
-    sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), steps, config.sampling)
+    sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), steps, config)
   return config, lambda labels, rng: sample(params, tokenizer_params, labels, rng)
 
 

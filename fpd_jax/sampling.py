@@ -3,7 +3,9 @@
 `iterative_decode` starts from an all-masked grid and runs T steps. Step t samples every masked position from the
 (optionally guided) logits at temperature tau, keeps known tokens, and re-masks the
 `floor(gamma((t+1)/T) * N)` least-confident new tokens, where confidence = log p(sampled) +
-choice_temperature * (1 - (t+1)/T) * Gumbel noise. The last step re-masks nothing.
+choice_temperature * (1 - (t+1)/T) * Gumbel noise. The last step re-masks nothing; known tokens are never
+re-masked (a grid with no masked position comes back unchanged). gamma is the configured
+`config.teacher.mask_schedule` (`decode_settings`), the schedule the teacher was trained with.
 """
 
 import functools
@@ -12,13 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from fpd_jax import mask_schedule
+from fpd_jax.errors import UserError
+from fpd_jax.errors import check_positive
 from fpd_jax.models.maskgit import MaskGITModel
 
 
 def num_masked_after_step(step, num_steps: int, num_unknown, method: str = 'cosine'):
   """How many tokens stay masked after decoding step `step` (0-based) of `num_steps`.
 
-  `floor(gamma((step+1)/T) * unknown)`, but at least 1 and at most `unknown_now - 1` is handled by the caller.
+  `floor(gamma((step+1)/T) * unknown)`; the caller clamps it to [1, unknown_now - 1] (0 when nothing is unknown).
   """
   ratio = (step + 1.0) / num_steps
   return jnp.floor(num_unknown * mask_schedule.gamma(ratio, method))
@@ -65,7 +69,9 @@ def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_t
     confidence = selected + choice_temperature * (1.0 - ratio) * jax.random.gumbel(choice_rng, selected.shape)
     confidence = jnp.where(unknown, confidence, jnp.inf)  # Known tokens are never re-masked.
     num_mask = num_masked_after_step(step, num_steps, num_unknown0, schedule)
-    num_mask = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, -1, keepdims=True) - 1, num_mask))
+    num_unknown = jnp.sum(unknown, -1, keepdims=True)
+    num_mask = jnp.maximum(1, jnp.minimum(num_unknown - 1, num_mask))
+    num_mask = jnp.where(num_unknown == 0, 0, num_mask)  # A row with nothing left to decode stays as it is.
     num_mask = jnp.where(step == num_steps - 1, 0, num_mask)  # The last step keeps everything.
     remask = lowest_k(confidence, num_mask)
     tokens = jnp.where(remask, model.mask_id, sampled)
@@ -93,19 +99,39 @@ def decode_jit(model, params, cond, rng, *, num_tokens, num_steps, temperature=1
                           cfg_scale=cfg_scale, schedule=schedule)
 
 
-def teacher_image_sampler(model: MaskGITModel, tokenizer, grid: int, num_steps: int, sampling_cfg):
+def validate(config) -> None:
+  """Fails fast, with the fix named, on sampling settings that would divide by zero (or NaN) when sampling: the
+  token temperature, the re-masking noise scale, the mask schedule and the one-step student's temperature."""
+  check_positive('sampling.temperature', config.sampling.temperature,
+                 'the logits are divided by it (1.0 samples the model as trained).')
+  if not config.sampling.choice_temperature >= 0:
+    raise UserError(f'config.sampling.choice_temperature={config.sampling.choice_temperature!r} must be >= 0 '
+                    '(0: no noise on the re-masking confidence; the reference uses 4.5).')
+  schedule = config.teacher.get('mask_schedule', 'cosine')
+  if schedule not in mask_schedule.METHODS:
+    raise UserError(f'config.teacher.mask_schedule={schedule!r}; choose one of {mask_schedule.METHODS}.')
+  if 'distill' in config:
+    check_positive('distill.student_temperature', config.distill.student_temperature,
+                   "for deterministic drafts set config.distill.student_sampling='argmax' instead.")
+
+
+def decode_settings(config) -> dict:
+  """The keyword settings of `iterative_decode` a config asks for: `config.sampling` (temperature,
+  choice_temperature, cfg_scale) and the mask schedule `config.teacher.mask_schedule`."""
+  return {'temperature': config.sampling.temperature, 'choice_temperature': config.sampling.choice_temperature,
+          'cfg_scale': config.sampling.cfg_scale, 'schedule': config.teacher.get('mask_schedule', 'cosine')}
+
+
+def teacher_image_sampler(model: MaskGITModel, tokenizer, grid: int, num_steps: int, config):
   """A jitted `(teacher_params, tokenizer_params, cond, rng) -> images [B, H, W, C] in [0, 1]`.
 
-  Iterative decoding with `num_steps` steps and the settings of `sampling_cfg` (temperature,
-  choice_temperature, cfg_scale), then the tokenizer's decoder.
+  Iterative decoding with `num_steps` steps and the config's `decode_settings`, then the tokenizer's decoder.
   """
+  settings = decode_settings(config)
 
   @jax.jit
   def sample(params, tokenizer_params, cond, rng):
-    tokens = iterative_decode(model, params, cond, rng, num_tokens=grid * grid, num_steps=num_steps,
-                              temperature=sampling_cfg.temperature,
-                              choice_temperature=sampling_cfg.choice_temperature,
-                              cfg_scale=sampling_cfg.cfg_scale)
+    tokens = iterative_decode(model, params, cond, rng, num_tokens=grid * grid, num_steps=num_steps, **settings)
     return decode_tokens(tokenizer, tokenizer_params, tokens, grid)
 
   return sample

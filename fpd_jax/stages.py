@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from fpd_jax import sampling
 from fpd_jax import sharding
 from fpd_jax.data import mnist
 from fpd_jax.errors import UserError
@@ -69,6 +70,7 @@ def validate(config) -> None:
   if unknown:
     raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(STAGES)}.')
   build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
+  sampling.validate(config)
   if 'distill' in config.stages:
     distill.validate(config)
   trained = [s for s in ('tokenizer', 'teacher', 'eval_net', 'feature_net') if s in config.stages]

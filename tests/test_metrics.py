@@ -6,6 +6,7 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
+from fpd_jax.eval import evaluate
 from fpd_jax.eval import grid
 from fpd_jax.eval import metrics
 from fpd_jax.models import classifier
@@ -238,3 +239,25 @@ def test_augment_shifts_within_bounds():
   assert set(rows) <= set(range(8, 13)) and set(cols) <= set(range(8, 13))
   assert len(set(zip(rows, cols))) > 1  # Images get different shifts.
   np.testing.assert_array_equal(classifier.augment(jax.random.PRNGKey(0), images, max_shift=0), images)
+
+
+def test_real_data_is_held_out_from_a_disjoint_reference():
+  """real_data: num_samples digits, class-balanced like the generated sets, test digits first; the rest is the
+  reference, so no scored digit is also a reference digit."""
+  rng = np.random.default_rng(0)
+  train = {'label': np.repeat(np.arange(10), 45), 'image': np.arange(450)}  # Image = a digit's id.
+  test = {'label': np.repeat(np.arange(10), 5), 'image': 1000 + np.arange(50)}
+  order = rng.permutation(450)
+  train = {k: v[order] for k, v in train.items()}
+  for num in (40, 103):
+    held, ref = evaluate.split_real(train, test, num, 10, seed=0)
+    assert len(held['label']) == num and len(ref['label']) == 500 - num
+    assert not set(held['image']) & set(ref['image'])
+    np.testing.assert_array_equal(np.bincount(held['label'], minlength=10),
+                                  np.bincount(np.arange(num) % 10, minlength=10))
+    from_test = held['image'] >= 1000
+    assert from_test.sum() == min(num, 50)  # All test digits are used before any train digit.
+    again, _ = evaluate.split_real(train, test, num, 10, seed=0)
+    np.testing.assert_array_equal(again['image'], held['image'])
+  with pytest.raises(evaluate.UserError, match='num_samples=251 leaves too few'):
+    evaluate.split_real(train, test, 251, 10, seed=0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from configs import demo
 from fpd_jax import stages
 from fpd_jax.errors import UserError
+from fpd_jax.train import distill as distill_stage
 from fpd_jax.train import eval_net as eval_net_stage
 from fpd_jax.train import loop
 from fpd_jax.train import teacher as teacher_stage
@@ -188,3 +190,58 @@ def test_unwritable_workdir_and_bad_sample_counts(tmp_path):
   for flag in ('--num=0', '--steps=0'):
     res = _cli('fpd_jax.sample', f'--workdir={tmp_path}', flag, f'--out={tmp_path / "x.npz"}')
     assert res.returncode == 2 and 'must be > 0' in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('sampling.temperature', 0.0, 'config.sampling.temperature=0.0 must be > 0'),
+    ('sampling.choice_temperature', -1.0, 'config.sampling.choice_temperature=-1.0 must be >= 0'),
+    ('teacher.mask_schedule', 'cosin', "config.teacher.mask_schedule='cosin'; choose one of"),
+    ('distill.student_temperature', 0.0, "must be > 0; for deterministic drafts set config.distill.student_sampling"),
+    ('distill.teacher_temperature', -0.5, 'config.distill.teacher_temperature=-0.5 must be > 0'),
+    ('distill.temperatures', (0.02, 0.0), 'config.distill.temperatures=(0.02, 0.0) must be one or more'),
+    ('distill.temperatures', (), 'config.distill.temperatures=() must be one or more'),
+])
+def test_nonpositive_temperatures_are_rejected_before_any_stage(key, value, message):
+  config = demo.get_config('tiny')
+  section, leaf = key.split('.')
+  config[section][leaf] = value
+  with pytest.raises(UserError, match=re.escape(message)):
+    stages.validate(config)  # run_pipeline calls it before any stage.
+
+
+def test_sample_cli_checks_the_stored_sampling_settings(tmp_path):
+  config = demo.get_config('tiny')
+  config.sampling.temperature = 0.0
+  os.makedirs(tmp_path / 'teacher' / 'export')
+  with open(tmp_path / 'teacher' / 'export_meta.json', 'w') as f:
+    json.dump({'config': config.to_dict()}, f)
+  res = _cli('fpd_jax.sample', f'--workdir={tmp_path}', '--model=teacher', f'--out={tmp_path / "x.npz"}')
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert 'error: config.sampling.temperature=0.0 must be > 0' in res.stderr, res.stderr[-2000:]
+
+
+def test_real_data_row_is_scored_like_a_model_against_a_disjoint_reference(tiny_run):
+  config, workdir, _ = tiny_run
+  with open(os.path.join(workdir, 'report.json')) as f:
+    report = json.load(f)
+  real = report['real_data']
+  assert real['num_samples'] == config.evaluate.num_samples  # As many as every model row.
+  assert report['reference']['num_images'] == 5000 - config.evaluate.num_samples  # The held-out digits excluded.
+  assert 0 <= real['precision'] <= 1 and np.isfinite(real['fd'])
+  assert f'real_data: {config.evaluate.num_samples} held-out real digits' in open(
+      os.path.join(workdir, 'report.md')).read()
+
+
+def test_non_finite_discriminator_update_is_not_saved(tiny_run, tmp_path):
+  """With the GAN on, a NaN discriminator update (its loss still finite) stops distillation before any save."""
+  config, workdir, _ = tiny_run
+  for name in ('data', 'tokenizer', 'teacher', 'feature_net'):
+    shutil.copytree(os.path.join(workdir, name), tmp_path / name)
+  config = config.copy_and_resolve_references()
+  config.distill.gan.enabled = True
+  config.distill.gan.learning_rate = float('nan')
+  config.train.checkpoint_every = 1
+  with pytest.raises(loop.NonFiniteLossError, match=r'non-finite parameters/optimizer state at step 1 .*last good '
+                     r'checkpoint is step None'):
+    distill_stage.run(config, str(tmp_path))
+  assert not os.listdir(tmp_path / 'distill' / 'checkpoints')

@@ -181,18 +181,21 @@ def _damage(step_dir: str) -> None:
       f.truncate(os.path.getsize(path) // 2)
 
 
-def _toy_stage(stage_dir: str, size: int = 8, on_batch=None) -> dict:
+def _toy_stage(stage_dir: str, size: int = 8, on_batch=None, poison_at: int = 0, **loop_settings) -> dict:
   """Runs a least-squares 'stage' through `loop.run`: 6 steps, checkpoints at 3 and 6 (both kept).
 
   Args:
     stage_dir: the stage directory.
     size: parameter size (another size is another model).
     on_batch: optional hook called with the step whose batch is built (just before that step runs).
+    poison_at: a step (1-based) whose update makes the parameters NaN while its loss stays finite (0: none).
+    **loop_settings: `loop.LoopConfig` fields to override (log_every, checkpoint_every, inject_nan_at_step).
 
   Returns:
     The final state, as numpy arrays.
   """
-  cfg = loop.LoopConfig(num_steps=6, checkpoint_every=3, keep_checkpoints=2, log_every=1, batch_size=1)
+  cfg = loop.LoopConfig(**{'num_steps': 6, 'checkpoint_every': 3, 'keep_checkpoints': 2, 'log_every': 1,
+                           'batch_size': 1, **loop_settings})
 
   def init_state():
     return {'step': jnp.zeros((), jnp.int32), 'params': {'w': jnp.zeros((size,))}}
@@ -200,7 +203,9 @@ def _toy_stage(stage_dir: str, size: int = 8, on_batch=None) -> dict:
   def step_fn(state, batch, rng):
     loss, grad = jax.value_and_grad(lambda w: jnp.mean((w - batch - jax.random.normal(rng, w.shape)) ** 2))(
         state['params']['w'])
-    return {'step': state['step'] + 1, 'params': {'w': state['params']['w'] - 0.1 * grad}}, {'loss': loss}
+    w = state['params']['w'] - 0.1 * grad
+    w = jnp.where(state['step'] + 1 == poison_at, jnp.nan, w)  # A NaN update the loss does not show.
+    return {'step': state['step'] + 1, 'params': {'w': w}}, {'loss': loss}
 
   def batch_fn(step):
     if on_batch:
@@ -293,3 +298,31 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
                      r'.*\); delete that directory'):
     _toy_stage(stage_dir)
   assert sorted(os.listdir(ckpt_dir)) == names
+
+
+def test_non_finite_state_with_finite_loss_is_never_saved(tmp_path):
+  """A NaN update (e.g. of the GAN discriminator) whose loss stays finite stops the run before any save."""
+  stage_dir = str(tmp_path / 'toy')
+  with pytest.raises(loop.NonFiniteLossError, match=r'^stage toy: non-finite parameters/optimizer state at step 2 '
+                     r'\(step 2: loss=[-0-9.e]+\); nothing was saved from step 2 on, the last good checkpoint is '
+                     r'step None\. Lower the learning rate'):
+    _toy_stage(stage_dir, poison_at=2, checkpoint_every=2)
+  assert not os.listdir(os.path.join(stage_dir, 'checkpoints'))
+
+
+def test_metrics_are_read_only_on_log_and_checkpoint_steps(tmp_path, monkeypatch):
+  """No host sync on other steps; a NaN at such a step is still caught (first bad step named) before a save."""
+  reads = []
+  host = loop._host  # pylint: disable=protected-access
+  monkeypatch.setattr(loop, '_host', lambda metrics: reads.append(1) or host(metrics))
+  expected = _toy_stage(str(tmp_path / 'clean'), log_every=4)  # Reads at 3 (checkpoint), 4 (log), 6 (both).
+  assert len(reads) == 3
+  jax.tree.map(np.testing.assert_array_equal, expected, _toy_stage(str(tmp_path / 'every'), log_every=1))
+  rows = [json.loads(line)['step'] for line in open(tmp_path / 'clean' / 'metrics.jsonl')]
+  assert rows == [4, 6]
+
+  stage_dir = tmp_path / 'nan'
+  with pytest.raises(loop.NonFiniteLossError, match=r'^stage toy: non-finite loss at step 5 \(step 6: loss='
+                     r'[-0-9.e]+\); nothing was saved from step 5 on, the last good checkpoint is step 3\.'):
+    _toy_stage(str(stage_dir), log_every=4, inject_nan_at_step=5)
+  assert sorted(os.listdir(stage_dir / 'checkpoints')) == ['3']

@@ -2,10 +2,14 @@
 
 `config.evaluate.metric` picks the measure:
 
-- 'eval_net' (the demo): per model row (`report.json` `models.<name>`), FD of `num_samples` class-balanced samples
-  against all real digits (train + test) in the feature space of the project's evaluation network, its class
-  accuracy on the samples, and k-NN precision/recall. Also the tokenizer's reconstruction quality and codebook
-  usage and the evaluation network's test accuracy.
+- 'eval_net' (the demo): `num_samples` real digits are held out (`split_real`: all test digits first, then train
+  digits, class-balanced like the generated sets) and scored as the `real_data` row; the other real digits are
+  the reference of every row. Per model row (`report.json` `models.<name>`): FD of `num_samples` class-balanced
+  samples against the reference in the feature space of the project's evaluation network, class accuracy on the
+  samples, and k-NN precision/recall against a fixed random subset of the reference of the same size as the
+  scored set. `real_data` is measured the same way, so it is the floor a perfect generator would reach. Also the
+  tokenizer's reconstruction quality (its `recon_fd`: the held-out digits' reconstructions against the
+  reference) and codebook usage, and the evaluation network's test accuracy.
 - 'inception' (ImageNet): FID against `evaluate.reference` (an ADM `.npz` or `tfds:NAME/SPLIT`) and the Inception
   Score when the Inception weights hold a classifier (`fpd_jax/eval/fid.py`).
 
@@ -59,27 +63,61 @@ def measure(config, image_metrics, generate: Generator, rng: jax.Array) -> tuple
   return row, images, labels
 
 
+def split_real(train: dict, test: dict, num_samples: int, num_classes: int, seed: int) -> tuple[dict, dict]:
+  """(held_out, reference): `num_samples` real digits to score as `real_data`, and the disjoint rest.
+
+  Class `c` gets as many held-out digits as the generated sets have (`#{i < num_samples: i % num_classes == c}`):
+  its test digits first, then train digits, each in a fixed random order (`seed`). Deterministic.
+
+  Raises:
+    UserError: `num_samples` leaves a reference smaller than the held-out set (precision/recall need both).
+  """
+  real = {k: np.concatenate([test[k], train[k]]) for k in ('image', 'label')}  # Test digits first.
+  if 2 * num_samples > len(real['label']):
+    raise UserError(f'config.evaluate.num_samples={num_samples} leaves too few of the {len(real["label"])} real '
+                    f'digits as a disjoint reference; use at most {len(real["label"]) // 2}.')
+  rng = np.random.default_rng(seed)
+  wanted = np.bincount(np.arange(num_samples) % num_classes, minlength=num_classes)
+  held = []
+  for c in range(num_classes):
+    rows = np.flatnonzero(real['label'] == c)
+    is_test = rows < len(test['label'])
+    order = np.concatenate([rng.permutation(rows[is_test]), rng.permutation(rows[~is_test])])
+    if len(order) < wanted[c]:
+      raise UserError(f'only {len(order)} real digits of class {c}; lower config.evaluate.num_samples.')
+    held.append(order[:wanted[c]])
+  held = np.sort(np.concatenate(held))
+  rest = np.setdiff1d(np.arange(len(real['label'])), held)
+  return {k: v[held] for k, v in real.items()}, {k: v[rest] for k, v in real.items()}
+
+
 class Evaluator:
-  """Holds the evaluation network and the real-data statistics; measures generators."""
+  """Holds the evaluation network, the held-out real digits and the reference statistics; measures generators."""
 
   def __init__(self, config, workdir: str):
     self.config = config
     self.net, self.params, meta = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
     self.test_accuracy = meta['test_accuracy']
-    self.real = mnist.load_arrays(os.path.join(workdir, 'data'), 'all')
-    self.test = mnist.load_arrays(os.path.join(workdir, 'data'), 'test')
-    self.real_feats = self.features(self.real['image'])[1]
-    self.real_stats = metrics.gaussian_stats(self.real_feats)
+    data_dir = os.path.join(workdir, 'data')
+    self.test = mnist.load_arrays(data_dir, 'test')
+    self.held_out, self.reference = split_real(mnist.load_arrays(data_dir, 'train'), self.test,
+                                               config.evaluate.num_samples, config.data.num_classes, config.seed)
+    self.reference_feats = self.features(self.reference['image'])[1]
+    self.reference_stats = metrics.gaussian_stats(self.reference_feats)
+    self._subset_seed = config.seed + 101
 
   def features(self, images):
     return eval_net_stage.logits_and_features(self.net, self.params, images)
 
   def image_metrics(self, images, labels=None) -> dict:
-    """FD, precision/recall (and class accuracy when labels are given) of images against the real digits."""
+    """FD against the reference, precision/recall against a fixed random reference subset of `len(images)` digits
+    (equal counts), and class accuracy when labels are given."""
     logits, feats = self.features(images)
     mu, sigma = metrics.gaussian_stats(feats)
-    precision, recall = metrics.precision_recall(self.real_feats, feats, k=self.config.evaluate.knn_k)
-    out = {'fd': float(metrics.frechet_distance_from_stats(mu, sigma, *self.real_stats)),
+    subset = np.random.default_rng(self._subset_seed).choice(len(self.reference_feats), len(feats), replace=False)
+    precision, recall = metrics.precision_recall(self.reference_feats[np.sort(subset)], feats,
+                                                 k=self.config.evaluate.knn_k)
+    out = {'fd': float(metrics.frechet_distance_from_stats(mu, sigma, *self.reference_stats)),
            'precision': float(precision), 'recall': float(recall), 'num_samples': int(len(images))}
     if labels is not None:
       out['accuracy'] = float(metrics.class_accuracy(logits, labels))
@@ -118,7 +156,8 @@ class InceptionEvaluator:
 
 
 def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
-  """Reconstruction MSE on the test split, FD of the reconstructions of all digits, and codebook usage."""
+  """Reconstruction MSE on the test split, FD of the held-out digits' reconstructions against the reference (the
+  tokenizer's floor: compare with `real_data`), and codebook usage over the test and held-out digits."""
   model, params = tokenizer_stage.load(config, workdir)
   grid = build.token_grid(config)
 
@@ -128,11 +167,12 @@ def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
     return ids, batching.map_batches(decode, ids)
 
   test = evaluator.test['image']
-  _, test_recon = reconstruct(test)
-  ids, recon = reconstruct(evaluator.real['image'])
+  test_ids, test_recon = reconstruct(test)
+  ids, recon = reconstruct(evaluator.held_out['image'])
+  used = np.unique(np.concatenate([np.ravel(test_ids), np.ravel(ids)]))
   return {'recon_mse': float(np.mean((test_recon - batching.as_float_images(test)) ** 2)),
           'recon_fd': evaluator.image_metrics(recon)['fd'],
-          'codebook_usage': float(len(np.unique(ids)) / config.tokenizer.codebook_size)}
+          'codebook_usage': float(len(used) / config.tokenizer.codebook_size)}
 
 
 def teacher_generators(config, workdir: str) -> dict[str, tuple[int, Generator]]:
@@ -142,7 +182,7 @@ def teacher_generators(config, workdir: str) -> dict[str, tuple[int, Generator]]
   grid = build.token_grid(config)
   out = {}
   for steps in config.evaluate.teacher_steps:
-    sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, steps, config.sampling)
+    sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, steps, config)
     out[f'teacher_{steps}step'] = (steps, lambda labels, rng, sample=sample: sample(
         teacher_params, tokenizer_params, labels, rng))
   return out
@@ -172,7 +212,7 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
   else:
     evaluator = Evaluator(config, workdir)
     grid_lib.save_png(os.path.join(workdir, 'samples', 'real.png'),
-                      grid_lib.class_grid(evaluator.real['image'], evaluator.real['label'],
+                      grid_lib.class_grid(evaluator.held_out['image'], evaluator.held_out['label'],
                                           config.data.num_classes, config.evaluate.grid_per_class))
   generators = teacher_generators(config, workdir)
   if 'distill' in config.stages:
@@ -191,6 +231,8 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
   else:
     result.update(eval_net={'test_accuracy': evaluator.test_accuracy},
                   tokenizer=tokenizer_metrics(evaluator, config, workdir),
-                  real_data=evaluator.image_metrics(evaluator.test['image'], evaluator.test['label']))
+                  real_data=evaluator.image_metrics(evaluator.held_out['image'], evaluator.held_out['label']),
+                  reference={'source': f'{config.data.name} real digits not in real_data',
+                             'num_images': int(len(evaluator.reference['label']))})
   report.write(workdir, result)
   return result

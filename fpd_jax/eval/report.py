@@ -23,16 +23,20 @@ def markdown(result: dict) -> str:
     intro = (f'Inception FID against {result.get("reference", {}).get("source")} (lower is better) and Inception '
              'Score (when the weights hold a classifier).')
   else:
-    intro = ('Quality in the feature space of the evaluation network (FD vs all real digits: lower is better; '
-             'accuracy: the evaluation network agrees with the requested class; k-NN precision/recall).')
+    ref = result.get('reference', {})
+    intro = (f'Quality in the feature space of the evaluation network (FD vs the reference, '
+             f'{ref.get("num_images")} real digits disjoint from real_data: lower is better; accuracy: the '
+             'evaluation network agrees with the requested class; k-NN precision/recall against as many reference '
+             'digits as samples).')
   lines = ['# fpd_jax report', '', intro + ' images/s: sampling + decoding after compilation.', '',
            '| model | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
   for name, row in rows.items():
     lines.append(f'| {name} | ' + ' | '.join(_fmt(row.get(c)) for c in columns) + ' |')
   if 'real_data' in result:
     real = result['real_data']
-    lines += ['', f'Reference: 500 real test digits score FD {_fmt(real["fd"])}, accuracy '
-              f'{_fmt(real.get("accuracy"))}, precision {_fmt(real["precision"])}, recall {_fmt(real["recall"])}.']
+    lines += ['', f'real_data: {real["num_samples"]} held-out real digits (test first, then train; class-balanced), '
+              f'measured like a model: FD {_fmt(real["fd"])}, accuracy {_fmt(real.get("accuracy"))}, precision '
+              f'{_fmt(real["precision"])}, recall {_fmt(real["recall"])}.']
   for section in ('tokenizer', 'eval_net', 'timings_s'):
     if section in result:
       lines += ['', f'## {section}', '', '| key | value |', '|---|---|']

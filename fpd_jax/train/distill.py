@@ -23,6 +23,7 @@ from fpd_jax import data as data_lib
 from fpd_jax.distill import fpd
 from fpd_jax.distill import gan as gan_lib
 from fpd_jax.errors import UserError
+from fpd_jax.errors import check_positive
 from fpd_jax.models import build
 from fpd_jax.models import dino
 from fpd_jax.models import feature_encoder
@@ -58,6 +59,11 @@ def validate(config) -> None:
                     'groups_per_batch >= 1.')
   if cfg.num_steps <= 0:
     raise UserError(f'config.distill.num_steps must be > 0 (got {cfg.num_steps}).')
+  check_positive('distill.teacher_temperature', cfg.teacher_temperature,
+                 'the teacher logits of the refinement are divided by it (the demo uses 0.5).')
+  if not len(cfg.temperatures) or not all(t > 0 for t in cfg.temperatures):
+    raise UserError(f'config.distill.temperatures={tuple(cfg.temperatures)} must be one or more drift kernel '
+                    'bandwidths > 0, e.g. (0.02, 0.05, 0.2).')
   lo, hi = cfg.remask_range
   if not 0.0 < lo <= hi <= 1.0:
     raise UserError(f'config.distill.remask_range={tuple(cfg.remask_range)} must satisfy 0 < lo <= hi <= 1.')

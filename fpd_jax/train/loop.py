@@ -1,5 +1,9 @@
 """The one training loop every stage uses: resume, step, log, check finiteness, checkpoint.
 
+Metrics come back to the host only on logging, checkpoint and final steps (no sync between other steps); a
+finiteness guard carried through the jitted steps (`guarded_step`) remembers the first NaN/Inf of any metric or of
+the trained state, and is checked before every save.
+
 A stage supplies a pure train step `step(state, [*frozen,] batch, rng) -> (state, metrics)`, a way to build the
 initial state and the batch of a given step. The loop places everything on the configured mesh
 (`fpd_jax.sharding.Partitioner`): the state is created already sharded, restored onto the current mesh's shardings
@@ -13,7 +17,6 @@ SIGTERM (and the TPU preemption notice) stop a run cleanly: the step in progress
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import threading
@@ -21,6 +24,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -30,7 +34,8 @@ from fpd_jax.errors import UserError
 
 
 class NonFiniteLossError(UserError):
-  """A loss or metric became NaN/Inf; the state of that step is never checkpointed."""
+  """A metric or the trained state (parameters, optimizer states) became NaN/Inf; nothing from that step on is
+  checkpointed."""
 
 
 class PreemptedError(UserError):
@@ -73,6 +78,59 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def _host(metrics: dict) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+STATE_TERM = 'state'  # Name of the trained state (parameters, optimizer states, EMA) in the guard's bad terms.
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool, on device: no floating leaf of `tree` holds a NaN or Inf (one reduction per leaf)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def init_guard(step: int) -> dict:
+  """The finiteness guard carried through the jitted steps (three int32 scalars, no host sync per step).
+
+  `step`: the last step done; `first_bad`: the first step (1-based) since the run (re)started whose metrics or
+  new state held a NaN/Inf (0: none); `bad_terms`: a bit mask of what was non-finite at that step, over
+  `[STATE_TERM] + sorted(metric names)`.
+  """
+  return {k: np.asarray(v, np.int32) for k, v in (('step', step), ('first_bad', 0), ('bad_terms', 0))}
+
+
+def guarded_step(step_fn: Callable, inject_nan_at_step: int = 0) -> Callable:
+  """`step_fn(state, *args) -> (state, metrics)` as `((state, guard), *args) -> ((state, guard), metrics)`.
+
+  Inside the same jitted step, checks every metric and every floating leaf of the new state (parameters,
+  optimizer states, EMA, discriminator) and records the first non-finite step in the guard. The loop reads the
+  guard only when it reads the metrics (logging, checkpoint and final steps) and before every save.
+  `inject_nan_at_step` (test hook) makes the loss of that step NaN.
+  """
+
+  def step(carry, *args):
+    state, guard = carry
+    state, metrics = step_fn(state, *args)
+    number = guard['step'] + 1
+    if inject_nan_at_step:
+      metrics = {**metrics, 'loss': jnp.where(number == inject_nan_at_step, jnp.nan, metrics['loss'])}
+    names = sorted(metrics)
+    if len(names) >= 31:
+      raise ValueError(f'guarded_step tracks at most 30 metrics, the step returns {len(names)}.')
+    finite = [all_finite(state)] + [jnp.all(jnp.isfinite(metrics[k])) for k in names]
+    bad_terms = sum(jnp.where(ok, 0, 1 << i) for i, ok in enumerate(finite)).astype(jnp.int32)
+    first = (guard['first_bad'] == 0) & (bad_terms != 0)
+    guard = {'step': number, 'first_bad': jnp.where(first, number, guard['first_bad']),
+             'bad_terms': jnp.where(first, bad_terms, guard['bad_terms'])}
+    return (state, guard), metrics
+
+  return step
+
+
+def bad_term_names(bad_terms: int, metric_names) -> list[str]:
+  """The names (`STATE_TERM` or metric names) set in a guard's `bad_terms` mask."""
+  names = [STATE_TERM] + sorted(metric_names)
+  return [n for i, n in enumerate(names) if bad_terms >> i & 1]
 
 
 class SigtermFlag:
@@ -165,7 +223,9 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
     frozen: trees the step reads but never updates (e.g. teacher parameters), placed by the partition rules.
 
   Raises:
-    NonFiniteLossError: a metric of some step was NaN/Inf (that state is not saved; earlier checkpoints stay).
+    NonFiniteLossError: a metric or the new state of some step held a NaN/Inf (`guarded_step` records the first
+      such step on device; it is checked whenever metrics are read: log, checkpoint and final steps, so before
+      every save). Nothing from that step on is saved; earlier checkpoints stay.
     PreemptedError: SIGTERM or a preemption notice; the step reached is saved (and the save finished).
     UserError: the checkpoints do not fit the configured model, or none of them restores.
   """
@@ -174,9 +234,10 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
   mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), cfg.keep_checkpoints)
   state = partitioner.init(init_state)
   start, state = ckpt_lib.restore_latest(mngr, state)
-  frozen = tuple(partitioner.put(f) for f in frozen)
-  jitted = partitioner.jit_step(step_fn, state, *frozen)
   start = 0 if start is None else start
+  frozen = tuple(partitioner.put(f) for f in frozen)
+  carry = (state, partitioner.put(init_guard(start)))
+  jitted = partitioner.jit_step(guarded_step(step_fn, cfg.inject_nan_at_step), carry, *frozen)
   main_host = jax.process_index() == 0  # Only process 0 writes metrics rows and shows progress.
   if main_host:
     _truncate_metrics(metrics_path, start)
@@ -194,21 +255,18 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
   done, stop_reason = start, None
   with _StopRequests(mngr) as stop, open(metrics_path if main_host else os.devnull, 'a') as log:
     for step in range(start, cfg.num_steps):
-      state, metrics = jitted(state, *frozen, partitioner.batch(batch_fn(step)), jax.random.fold_in(rng, step))
-      metrics = _host(metrics)
-      if step + 1 == cfg.inject_nan_at_step:
-        metrics['loss'] = float('nan')
-      bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-      if bad:
-        mngr.wait_until_finished()
-        raise NonFiniteLossError(
-            f'stage {name}: non-finite {", ".join(bad)} at step {step + 1} '
-            f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); nothing was saved from this step, the last good '
-            f'checkpoint is step {mngr.latest_step()}. Lower the learning rate or check the inputs.')
+      carry, metrics = jitted(carry, *frozen, partitioner.batch(batch_fn(step)), jax.random.fold_in(rng, step))
       done = step + 1
       window_steps += 1
       bar.update(1)
-      if done % cfg.log_every == 0 or done == cfg.num_steps:
+      stop_reason = stop.reason(done)
+      log_now = done % cfg.log_every == 0 or done == cfg.num_steps
+      save_now = done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop_reason
+      if not (log_now or save_now):
+        continue  # Nothing read back: the device runs ahead, the guard keeps the first bad step.
+      metrics = _host(metrics)  # Waits for this step; also the guard (same step) below.
+      _check_guard(name, jax.device_get(carry[1]), metrics, done, mngr)
+      if log_now:
         elapsed = time.perf_counter() - window_t
         row = {'step': done, **metrics, 'steps_per_sec': window_steps / elapsed,
                'images_per_sec': window_steps * cfg.batch_size / elapsed}
@@ -216,9 +274,8 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
         log.flush()
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', img_s=f'{row["images_per_sec"]:.0f}')
         window_t, window_steps = time.perf_counter(), 0
-      stop_reason = stop.reason(done)
-      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop_reason:
-        save(done, state)
+      if save_now:
+        save(done, carry[0])
       if stop_reason:
         break
     bar.close()
@@ -229,4 +286,19 @@ def run(name: str, stage_dir: str, cfg: LoopConfig, init_state: Callable[[], Any
   if stop_reason:
     raise PreemptedError(f'stage {name}: preempted ({stop_reason}) at step {done}; checkpoint saved, rerun the '
                          'same command to resume.')
-  return state
+  return carry[0]
+
+
+def _check_guard(name: str, guard: dict, metrics: dict[str, float], done: int, mngr) -> None:
+  """Raises NonFiniteLossError if any step up to `done` went non-finite (called before every save)."""
+  first_bad = int(guard['first_bad'])
+  if not first_bad:
+    return
+  mngr.wait_until_finished()
+  bad = ', '.join(n if n != STATE_TERM else 'parameters/optimizer state'
+                  for n in bad_term_names(int(guard['bad_terms']), metrics))
+  values = ', '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+  raise NonFiniteLossError(
+      f'stage {name}: non-finite {bad} at step {first_bad} (step {done}: {values}); nothing was saved from step '
+      f'{first_bad} on, the last good checkpoint is step {mngr.latest_step()}. Lower the learning rate or check '
+      'the inputs.')
