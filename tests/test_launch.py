@@ -140,7 +140,7 @@ _URL_ARGS = {
 }
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', tuple(_URL_ARGS))  # The scripts that take a --workdir.
 @pytest.mark.parametrize('workdir', ['gs://fpd-bucket/runs/run1', 's3://b/run', 'file:///tmp/run'])
 def test_url_workdir_is_refused_naming_the_gcsfuse_fix(script, workdir):
   out = _launch(script, '--dry-run', *_URL_ARGS[script], f'--workdir={workdir}')
