@@ -21,7 +21,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
-SCRIPTS = ('tpu_pod.sh', 'xpk.sh', 'slurm.sh', 'local.sh')
+SCRIPTS = ('tpu_pod.sh', 'xpk.sh', 'slurm.sh', 'local.sh', 'accelerator_check.sh')
 JAX_PIN = re.search(r'^jax==(\S+)', open(os.path.join(ROOT, 'requirements.txt')).read(), re.M).group(1)
 WORKDIR = '/mnt/gcs/fpd/runs/run1'  # Under tpu_pod.sh's default --mount-dir.
 TPU = ('--name=fpd-pod', '--zone=us-east5-a')
@@ -99,6 +99,8 @@ def test_unknown_option_is_one_line_exit_2(script):
     ('xpk.sh', ('delete', '--workload=w'), '--cluster (env CLUSTER)'),
     ('slurm.sh', ('--config=configs/demo.py', '--workdir=/shared/run'), '--nodes (env NODES)'),
     ('local.sh', ('--workdir=/tmp/x',), '--config (env CONFIG)'),
+    ('accelerator_check.sh', ('--out=/tmp/x',), '--anchors (env ANCHORS)'),
+    ('accelerator_check.sh', ('--anchors=/tmp',), '--out (env OUT)'),
 ])
 def test_missing_required_setting_exits_2_naming_it(script, args, named):
   out = _launch(script, '--dry-run', *args)
@@ -121,6 +123,8 @@ def test_missing_required_setting_exits_2_naming_it(script, args, named):
     ('local.sh', ('--config=configs/demo.py', '--workdir=/w', '--fake-devices=0')),
     ('local.sh', ('--config=configs/demo.py', '--workdir=/w', 'stray')),
     ('local.sh', ('--config',)),
+    ('accelerator_check.sh', ('--anchors=/nonexistent', '--out=/tmp/x')),
+    ('accelerator_check.sh', ('--anchors=/tmp', '--out=/tmp/x', '--batch-sizes=32,x')),
 ])
 def test_bad_settings_exit_2(script, args):
   out = _launch(script, '--dry-run', *args)
@@ -136,7 +140,7 @@ _URL_ARGS = {
 }
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', tuple(_URL_ARGS))  # The scripts that take a --workdir.
 @pytest.mark.parametrize('workdir', ['gs://fpd-bucket/runs/run1', 's3://b/run', 'file:///tmp/run'])
 def test_url_workdir_is_refused_naming_the_gcsfuse_fix(script, workdir):
   out = _launch(script, '--dry-run', *_URL_ARGS[script], f'--workdir={workdir}')
@@ -572,3 +576,54 @@ def test_local_runs_from_the_repository_root_with_fake_devices(tmp_path):
   assert log.read_text().splitlines() == [
       f'-m fpd_jax.main --config=configs/demo.py:tiny --workdir={tmp_path}/runs/t --config.seed=5',
       f'cwd={ROOT} XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu']
+
+
+# -------------------------------------------------------------------------------------------- accelerator_check.sh
+
+
+def _anchor_dir(tmp_path) -> str:
+  anchors = tmp_path / 'anchors'
+  anchors.mkdir()
+  for name in ('fpd_step_anchor.py', 'gpu_anchor.py'):
+    (anchors / name).write_text('')
+  return str(anchors)
+
+
+def test_accelerator_check_commands(tmp_path):
+  anchors = _anchor_dir(tmp_path)
+  out = _launch('accelerator_check.sh', '--dry-run', f'--anchors={anchors}', '--out=res', '--batch-sizes=16,48',
+                '--', '--steps=20', cwd=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  res = f'{tmp_path}/res'
+  assert [shlex.split(line) for line in out.stdout.splitlines()] == [
+      ['mkdir', '-p', res], ['cd', ROOT],
+      ['python', '-m', 'fpd_jax.tools.benchmark', '--suite=accelerator', '--config=configs/imagenet.py',
+       '--batch_sizes=16,48', f'--out={res}/ours.json', '--steps=20', '>', f'{res}/ours.log'],
+      ['python', f'{anchors}/fpd_step_anchor.py', '--batch=16', '>', f'{res}/anchor_fpd_step_16.json'],
+      ['python', f'{anchors}/fpd_step_anchor.py', '--batch=48', '>', f'{res}/anchor_fpd_step_48.json'],
+      ['python', f'{anchors}/gpu_anchor.py', '>', f'{res}/anchor_gpu.json'],
+      ['python', '-m', 'fpd_jax.tools.benchmark', '--suite=compare', f'--ours={res}/ours.json',
+       f'--anchors={res}/anchor_fpd_step_16.json,{res}/anchor_fpd_step_48.json,{res}/anchor_gpu.json',
+       f'--out={res}/comparison.json']]
+
+
+def test_accelerator_check_runs_every_step_and_reports_a_failed_anchor(tmp_path):
+  anchors = _anchor_dir(tmp_path)
+  fake_python = _write_exe(str(tmp_path / 'fakepython'), r'''#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$FAKE_PYTHON_LOG"
+[[ $1 != */gpu_anchor.py ]] || exit 3
+echo '{"ok": 1}'
+''')
+  log = tmp_path / 'python.log'
+  out = _launch('accelerator_check.sh', f'--anchors={anchors}', f'--out={tmp_path}/res', f'--python={fake_python}',
+                env={'FAKE_PYTHON_LOG': str(log)})
+  assert out.returncode == 1
+  assert out.stderr.splitlines()[-1] == 'warning: failed: gpu_anchor (see the output above)'
+  calls = log.read_text().splitlines()
+  assert [c.split()[1] if c.startswith('-m ') else c.split()[0] for c in calls] == [
+      'fpd_jax.tools.benchmark', f'{anchors}/fpd_step_anchor.py', f'{anchors}/fpd_step_anchor.py',
+      f'{anchors}/gpu_anchor.py', 'fpd_jax.tools.benchmark']
+  res = f'{tmp_path}/res'
+  assert calls[-1].endswith(f'--anchors={res}/anchor_fpd_step_32.json,{res}/anchor_fpd_step_64.json '
+                            f'--out={res}/comparison.json')
+  assert (tmp_path / 'res' / 'anchor_fpd_step_64.json').read_text() == '{"ok": 1}\n'

@@ -12,7 +12,6 @@ import io
 
 import grain
 import numpy as np
-from PIL import Image
 
 from fpd_jax.errors import UserError
 
@@ -44,6 +43,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   While the short side is at least 2 x size, halve the image with a box filter; then resize (bicubic) so that the
   short side is `size`; then take the central size x size crop.
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top  # Pillow only where images are decoded.
   grey = image.ndim == 3 and image.shape[-1] == 1
   pil = Image.fromarray(image[..., 0] if grey else image)
   while min(pil.size) >= 2 * size:
@@ -62,6 +62,7 @@ def decode_image(data, size: int | None = None) -> np.ndarray:
   if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim in (2, 3):
     image = data if data.ndim == 3 else data[..., None]
   else:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
     raw = data.item() if isinstance(data, np.ndarray) else data
     image = np.asarray(Image.open(io.BytesIO(raw)).convert('RGB'))
   if size is None or image.shape[:2] == (size, size):

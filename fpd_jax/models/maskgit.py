@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fpd_jax import conditioning as cond_lib
+from fpd_jax.models import attention
 from fpd_jax.models import layers
 
 LAYERNORM_EPSILON = 1e-12  # BERT's.
@@ -52,7 +53,7 @@ class SelfAttention(nn.Module):
                            dot_general=layers.matmul_dot_general)(x)
            for name in ('query', 'key', 'value')]
     if deterministic or self.dropout == 0.0:
-      out = jax.nn.dot_product_attention(*qkv)  # Fused kernel where the backend has one (cuDNN on GPU).
+      out = attention.dot_product_attention(*qkv)  # cuDNN's fused kernel on GPU in bf16, else XLA's.
     else:
       q, k, v = qkv
       logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k).astype(jnp.float32)

@@ -51,18 +51,31 @@ def compile_step(config, batch_size: int, partitioner: sharding.Partitioner) -> 
   lowered = partitioner.jit_step(train.step, state, frozen).lower(state, frozen, batch, rng)
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   row = {'batch_size': batch_size, 'devices': partitioner.mesh.size,
          'mesh': dict(zip(partitioner.mesh.axis_names, partitioner.mesh.devices.shape)),
-         'compile_s': round(seconds, 1), 'flops_per_step': float((cost or {}).get('flops', float('nan')))}
-  if mem is not None:
-    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    temps, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-    row.update(arguments_gib=args / GIB, outputs_gib=outs / GIB, temporaries_gib=temps / GIB,
-               aliased_gib=alias / GIB, total_gib=(args + outs + temps - alias) / GIB)
+         'compile_s': round(seconds, 1), 'flops_per_step': flops(compiled)}
+  row.update(memory(compiled))
   return row
+
+
+def flops(compiled) -> float:
+  """FLOPs of one call of a compiled function by XLA's cost analysis (per device; NaN where XLA gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def memory(compiled) -> dict:
+  """Per-device memory of a compiled function by XLA's buffer assignment, in GiB: arguments, outputs,
+  temporaries, donated arguments aliased into outputs, and total = arguments + outputs + temporaries - aliased
+  (what the call needs at its peak). Empty where the backend gives no analysis."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  temps, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+  return {'arguments_gib': args / GIB, 'outputs_gib': outs / GIB, 'temporaries_gib': temps / GIB,
+          'aliased_gib': alias / GIB, 'total_gib': (args + outs + temps - alias) / GIB}
 
 
 def table(rows: list[dict]) -> str:
