@@ -117,23 +117,18 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
   corrupted, mask = corrupt(corrupt_rng, source, teacher.mask_id, *cfg.remask_range)
   target = refine(teacher, frozen_params['teacher'], corrupted, mask, cond, refine_rng,
                   temperature=cfg.teacher_temperature, cfg_scale=cfg.teacher_cfg_scale)
-  # 5a. Target features (stop-gradient), computed before the student's: they keep nothing for the backward pass,
-  # and the barrier below lets the student's decoder start only once they exist, so their working buffers are
-  # freed before the student's saved activations pile up (XLA may otherwise overlap both: a larger peak).
-  codebook = frozen_params['tokenizer']['quantizer']['codebook']
-  target_images = jax.lax.stop_gradient(
-      decode_embeddings(models, frozen_params['tokenizer'], jnp.take(codebook, target, axis=0)))
-  target_feats = jax.lax.stop_gradient(models.features(frozen_params['features'], target_images))
   # 4. Lift: straight-through (or soft) embedding of the draft.
-  embeddings = ste.lift(logits, draft, codebook, cfg.lift)
-  target_feats, embeddings = jax.lax.optimization_barrier((target_feats, embeddings))
-  # 5b. Student features (gradients flow).
+  codebook = frozen_params['tokenizer']['quantizer']['codebook']
   decode, features = decode_embeddings, models.features
   if cfg.get('remat', False):  # Recompute the decoder and encoder activations in the backward pass.
     decode = jax.checkpoint(decode_embeddings, static_argnums=(0,))
     features = jax.checkpoint(models.features)
-  student_images = decode(models, frozen_params['tokenizer'], embeddings)
+  student_images = decode(models, frozen_params['tokenizer'], ste.lift(logits, draft, codebook, cfg.lift))
+  target_images = jax.lax.stop_gradient(
+      decode_embeddings(models, frozen_params['tokenizer'], jnp.take(codebook, target, axis=0)))
+  # 5. Features (student keeps gradients, target is stop-gradient).
   student_feats = features(frozen_params['features'], student_images)
+  target_feats = jax.lax.stop_gradient(models.features(frozen_params['features'], target_images))
   # 6. Multi-bandwidth drift loss, groups = samples of one condition.
   num_groups = batch // cfg.samples_per_group
   loss, per_layer = drift.multi_layer_drift_loss(student_feats, target_feats, num_groups,
