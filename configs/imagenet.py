@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = ('distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors.
   c.distributed = False  # Multi-process run (the launch/ scripts set it): jax.distributed.initialize() first.
+  # Multi-process runs: a process silent for this long is declared dead and the others stop (seconds;
+  # jax.distributed heartbeat_timeout_seconds). Rerunning the same command resumes.
+  c.heartbeat_timeout_s = 100
 
   # ---- Data: ImageNet via TFDS (manual download; array_record), used only for the optional GAN's real images and
   # for FID reference statistics computed from a split.

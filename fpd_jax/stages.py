@@ -5,6 +5,7 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fpd_jax import sharding
@@ -20,7 +21,10 @@ from fpd_jax.train import tokenizer
 
 
 def _data(config, workdir: str) -> dict:
-  mnist.build_dataset(os.path.join(workdir, 'data'))
+  if jax.process_index() == 0:  # One process writes the dataset to the shared workdir; the others wait for it.
+    mnist.build_dataset(os.path.join(workdir, 'data'))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('fpd_jax:data_stage')
   return {}
 
 
