@@ -1,7 +1,10 @@
-r"""FPD training speed on 1, 2, 4 and 8 devices: steps/s and images/s of the configured distill step.
+r"""FPD training speed on 1, 2, 4 and 8 devices: steps/s and images/s of the configured distill step; or, with
+`--measure=sampling`, images/s of evaluation sampling (teacher `--sampling_steps`-step decoding + tokenizer decoder,
+batches of `evaluate.batch_size` split over the devices as the evaluate stage does).
 
   python -m fpd_jax.tools.benchmark                                   # demo config, 1/2/4/8 devices
   python -m fpd_jax.tools.benchmark --config=configs/imagenet.py:gpu --devices=1 --steps=20
+  python -m fpd_jax.tools.benchmark --measure=sampling --sampling_steps=8 --steps=4
 
 Frozen models have random weights of the configured shapes (speed does not depend on the values), so no earlier
 stage is needed. For each device count n the mesh is `data=n/fsdp, fsdp=--fsdp` over the first n devices and the
@@ -23,10 +26,14 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fpd_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fpd_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fpd_jax.eval import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fpd_jax.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.train import distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.train import eval_net  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -36,6 +43,9 @@ _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Device counts to 
 _FSDP = flags.DEFINE_integer('fsdp', 1, 'Size of the fsdp mesh axis (the data axis takes the rest).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per device count (after 2 warm-up steps).')
 _OUT = flags.DEFINE_string('out', None, 'Optional JSON file for the rows.')
+_MEASURE = flags.DEFINE_enum('measure', 'train', ['train', 'sampling'], 'train: the FPD step; sampling: teacher '
+                             'image sampling of the evaluate stage (timed batches = --steps).')
+_SAMPLING_STEPS = flags.DEFINE_integer('sampling_steps', 8, 'Teacher decoding steps of --measure=sampling.')
 
 
 def random_frozen_params(config) -> dict:
@@ -80,6 +90,24 @@ def measure(config, frozen, devices: list, fsdp: int, steps: int) -> dict:
           'images_per_sec': steps * batch_size / seconds}
 
 
+def measure_sampling(config, frozen, devices: list, num_steps: int, batches: int) -> dict:
+  """Images/s of teacher sampling on `devices` (mesh data=len(devices)), as `evaluate.sample_images` runs it."""
+  partitioner = sharding.Partitioner.from_config({}, devices)
+  sample = sampling.teacher_image_sampler(build.teacher(config), build.tokenizer(config), build.token_grid(config),
+                                          num_steps, config.sampling)
+  params, tokenizer_params = partitioner.replicate((frozen['teacher'], frozen['tokenizer']))
+  generate = lambda labels, rng: sample(params, tokenizer_params, labels, rng)
+  batch_size = config.evaluate.batch_size
+  labels = (np.arange(batch_size * batches) % config.data.num_classes).astype(np.int32)
+  evaluate.sample_images(partitioner, generate, labels[:batch_size], batch_size, jax.random.key(0))  # Compile.
+  start = time.perf_counter()
+  evaluate.sample_images(partitioner, generate, labels, batch_size, jax.random.key(1))
+  seconds = time.perf_counter() - start
+  return {'devices': len(devices), 'device_kind': devices[0].device_kind, 'mesh': f'data={len(devices)}',
+          'batch_size': batch_size, 'ms_per_step': 1000 * seconds / batches, 'steps_per_sec': batches / seconds,
+          'images_per_sec': len(labels) / seconds}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -95,7 +123,10 @@ def main(argv):
     frozen = random_frozen_params(config)
     rows = []
     for n in counts:
-      rows.append(measure(config, frozen, jax.devices()[:n], _FSDP.value, _STEPS.value))
+      if _MEASURE.value == 'sampling':
+        rows.append(measure_sampling(config, frozen, jax.devices()[:n], _SAMPLING_STEPS.value, _STEPS.value))
+      else:
+        rows.append(measure(config, frozen, jax.devices()[:n], _FSDP.value, _STEPS.value))
       print(f'{n} device(s): {rows[-1]["steps_per_sec"]:.2f} steps/s, {rows[-1]["images_per_sec"]:.1f} images/s',
             flush=True)
     cols = ('devices', 'device_kind', 'mesh', 'batch_size', 'ms_per_step', 'steps_per_sec', 'images_per_sec')
