@@ -21,12 +21,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
 from fpd_jax import sampling
 from fpd_jax import sharding
 from fpd_jax.errors import UserError
-from fpd_jax.eval import evaluate
 from fpd_jax.eval import grid as grid_lib
 from fpd_jax.models import build
 from fpd_jax.train import distill as distill_stage
@@ -80,7 +80,7 @@ def generate(workdir: str, model: str, steps: int, num: int, seed: int, batch_si
   partitioner = sharding.Partitioner.from_config({})  # The batch over every device of every process.
   config, sample = sampler(workdir, model, steps, partitioner)
   labels = (np.arange(num) % config.data.num_classes).astype(np.int32)
-  images = evaluate.sample_images(partitioner, sample, labels, batch_size, jax.random.key(seed))
+  images = batching.sample_on_mesh(partitioner, sample, labels, batch_size, jax.random.key(seed))
   return grid_lib.to_uint8(images), labels, config.data.num_classes
 
 

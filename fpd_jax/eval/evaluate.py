@@ -26,7 +26,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from fpd_jax import batching
 from fpd_jax import sampling
@@ -48,15 +47,6 @@ from fpd_jax.train import tokenizer as tokenizer_stage
 Generator = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def sample_images(partitioner: sharding.Partitioner, generate: Generator, labels: np.ndarray, batch_size: int,
-                  rng: jax.Array, desc: str = 'sampling') -> np.ndarray:
-  """Images of `labels` on every process (numpy), batch `i` sampled with key `fold_in(rng, i)` on all devices."""
-  placed = [partitioner.rows(labels[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
-  images = [(generate(b, jax.random.fold_in(rng, i)), n)
-            for i, (b, n) in enumerate(tqdm(placed, desc=desc, disable=len(placed) < 4 or jax.process_index()))]
-  return np.concatenate([partitioner.gather(x)[:n] for x, n in images])
-
-
 def measure(config, image_metrics, generate: Generator, rng: jax.Array,
             partitioner: sharding.Partitioner) -> tuple[dict, np.ndarray, np.ndarray]:
   """Samples `evaluate.num_samples` class-balanced images and scores them with `image_metrics(images, labels)`.
@@ -68,7 +58,7 @@ def measure(config, image_metrics, generate: Generator, rng: jax.Array,
   labels = (np.arange(cfg.num_samples) % config.data.num_classes).astype(np.int32)
   jax.block_until_ready(generate(partitioner.rows(labels[:cfg.batch_size])[0], rng))  # Compile outside the timing.
   start = time.perf_counter()
-  images = sample_images(partitioner, generate, labels, cfg.batch_size, rng)
+  images = batching.sample_on_mesh(partitioner, generate, labels, cfg.batch_size, rng)
   seconds = time.perf_counter() - start
   row = image_metrics(images, labels)
   row['images_per_sec'] = len(images) / seconds

@@ -28,11 +28,11 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from fpd_jax import batching  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fpd_jax.eval import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.train import distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax.train import eval_net  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -91,7 +91,7 @@ def measure(config, frozen, devices: list, fsdp: int, steps: int) -> dict:
 
 
 def measure_sampling(config, frozen, devices: list, num_steps: int, batches: int) -> dict:
-  """Images/s of teacher sampling on `devices` (mesh data=len(devices)), as `evaluate.sample_images` runs it."""
+  """Images/s of teacher sampling on `devices` (mesh data=len(devices)), as the evaluate stage runs it (`batching.sample_on_mesh`)."""
   partitioner = sharding.Partitioner.from_config({}, devices)
   sample = sampling.teacher_image_sampler(build.teacher(config), build.tokenizer(config), build.token_grid(config),
                                           num_steps, config.sampling)
@@ -99,9 +99,9 @@ def measure_sampling(config, frozen, devices: list, num_steps: int, batches: int
   generate = lambda labels, rng: sample(params, tokenizer_params, labels, rng)
   batch_size = config.evaluate.batch_size
   labels = (np.arange(batch_size * batches) % config.data.num_classes).astype(np.int32)
-  evaluate.sample_images(partitioner, generate, labels[:batch_size], batch_size, jax.random.key(0))  # Compile.
+  batching.sample_on_mesh(partitioner, generate, labels[:batch_size], batch_size, jax.random.key(0))  # Compile.
   start = time.perf_counter()
-  evaluate.sample_images(partitioner, generate, labels, batch_size, jax.random.key(1))
+  batching.sample_on_mesh(partitioner, generate, labels, batch_size, jax.random.key(1))
   seconds = time.perf_counter() - start
   return {'devices': len(devices), 'device_kind': devices[0].device_kind, 'mesh': f'data={len(devices)}',
           'batch_size': batch_size, 'ms_per_step': 1000 * seconds / batches, 'steps_per_sec': batches / seconds,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import demo
+from fpd_jax import batching
 from fpd_jax import sampling
 from fpd_jax import sharding
-from fpd_jax.eval import evaluate
 from fpd_jax.eval import fid
 from fpd_jax.models import build
 from fpd_jax.models import inception
@@ -53,8 +53,8 @@ def test_sampled_images_equal_one_device(generators, num_devices):
   labels = np.arange(13, dtype=np.int32) % 10
   rng = jax.random.key(4)
   for name, generate in generators(_partitioner(1)).items():
-    single = evaluate.sample_images(_partitioner(1), generate, labels, 6, rng)
-    spread = evaluate.sample_images(_partitioner(num_devices), generators(_partitioner(num_devices))[name], labels,
+    single = batching.sample_on_mesh(_partitioner(1), generate, labels, 6, rng)
+    spread = batching.sample_on_mesh(_partitioner(num_devices), generators(_partitioner(num_devices))[name], labels,
                                     6, rng)
     assert single.shape == spread.shape == (13, 28, 28, 1), name
     chex.assert_trees_all_close(spread, single, atol=1e-5)
