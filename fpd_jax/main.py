@@ -14,10 +14,12 @@ Devices: the mesh of `config.mesh` (sizes of the `data` and `fsdp` axes, partiti
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from fpd_jax import cli
 from fpd_jax import stages
+from fpd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py[:tiny].',
                                           lock_config=True)
@@ -32,8 +34,15 @@ def main(argv):
 
   def run():
     if config.get('distributed', False):
-      cli.initialize_distributed()
-    stages.run_pipeline(config, _WORKDIR.value)
+      cli.initialize_distributed(config.get('heartbeat_timeout_s', 100))
+    try:
+      stages.run_pipeline(config, _WORKDIR.value)
+    except jax.errors.JaxRuntimeError as e:  # E.g. a collective whose peer process died.
+      if jax.process_count() == 1:
+        raise
+      raise UserError(f'a computation of this {jax.process_count()}-process run failed ({cli.one_line(e)}); if '
+                      'another process of the run stopped, stop every process and rerun the same command on all of '
+                      'them to resume from the last checkpoints.') from e
 
   cli.run_user_command(run, config.get('verbose', False))
 

@@ -5,6 +5,12 @@ r"""Samples a trained model of a workdir to an `.npz` (for other evaluation tool
 
 The `.npz` holds `images` (uint8 N x H x W x C) and `labels` (int32 N, class-balanced: i % num_classes).
 The models' config is read from the workdir's exports; no config flag is needed.
+
+Each batch is split over all devices (with `--distributed`, of all processes: start one per host like
+`fpd_jax.main`), the parameters replicated; process 0 writes the file. Batch `i` of `--batch_size` images uses the key
+`fold_in(seed key, i)` and an image's randomness depends only on that key and its row (see `fpd_jax/sharding.py`):
+the file is the same on any number of devices. A batch the device count does not divide is padded, the padding
+dropped.
 """
 
 import os
@@ -15,9 +21,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
 from fpd_jax import sampling
+from fpd_jax import sharding
 from fpd_jax.errors import UserError
 from fpd_jax.eval import grid as grid_lib
 from fpd_jax.models import build
@@ -35,6 +43,9 @@ _OUT = flags.DEFINE_string('out', None, 'Output file: NAME.npz (arrays) or NAME.
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 250, 'Images per sampling call.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Multi-process run (one process per host, started like '
+                                 'fpd_jax.main by the launch/ scripts): the batches are split over the devices of '
+                                 'all processes; process 0 writes --out.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -47,8 +58,9 @@ def workdir_config(workdir: str, model: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(ckpt_lib.load_export_meta(export_dir(workdir, model), f'the {model}')['config'])
 
 
-def sampler(workdir: str, model: str, steps: int):
-  """(config, generate(labels, rng) -> images in [0, 1]) for a workdir's teacher or student.
+def sampler(workdir: str, model: str, steps: int, partitioner: sharding.Partitioner):
+  """(config, generate(labels, rng) -> images in [0, 1]) for a workdir's teacher or student, its parameters
+  replicated on the partitioner's mesh.
 
   The sampling settings of the stored config are checked (`sampling.validate`) before any model is loaded.
   """
@@ -61,6 +73,7 @@ def sampler(workdir: str, model: str, steps: int):
     teacher, params = teacher_stage.load(config, workdir)
     tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
     sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), steps, config)
+  params, tokenizer_params = partitioner.replicate((params, tokenizer_params))
   return config, lambda labels, rng: sample(params, tokenizer_params, labels, rng)
 
 
@@ -68,12 +81,11 @@ def generate(workdir: str, model: str, steps: int, num: int, seed: int, batch_si
   """(uint8 images [num, H, W, C], labels [num], num_classes) sampled from a workdir's model."""
   if num <= 0 or steps <= 0 or batch_size <= 0:
     raise UserError(f'--num, --steps and --batch_size must be > 0 (got {num}, {steps}, {batch_size}).')
-  config, sample = sampler(workdir, model, steps)
+  partitioner = sharding.Partitioner.from_config({})  # The batch over every device of every process.
+  config, sample = sampler(workdir, model, steps, partitioner)
   labels = (np.arange(num) % config.data.num_classes).astype(np.int32)
-  rng = jax.random.key(seed)
-  images = [np.asarray(sample(labels[i:i + batch_size], jax.random.fold_in(rng, i)))
-            for i in range(0, num, batch_size)]
-  return grid_lib.to_uint8(np.concatenate(images)), labels, config.data.num_classes
+  images = batching.sample_on_mesh(partitioner, sample, labels, batch_size, jax.random.key(seed))
+  return grid_lib.to_uint8(images), labels, config.data.num_classes
 
 
 def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
@@ -82,7 +94,8 @@ def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) ->
     per_class = max(1, len(images) // num_classes)
     grid_lib.save_png(out, grid_lib.class_grid(images, labels, num_classes, per_class))
   elif out.endswith('.npz'):
-    np.savez(out, images=images, labels=labels)
+    if jax.process_index() == 0:
+      np.savez(out, images=images, labels=labels)
   else:
     raise UserError(f'--out={out}: use a name ending in .npz or .png.')
 
@@ -91,9 +104,13 @@ def main(argv):
   del argv
 
   def run():
+    if _DISTRIBUTED.value:
+      cli.initialize_distributed()
     images, labels, num_classes = generate(_WORKDIR.value, _MODEL.value, _STEPS.value, _NUM.value, _SEED.value,
                                            _BATCH.value)
     write(_OUT.value, images, labels, num_classes)
+    if jax.process_index():
+      return
     print(f'wrote {len(images)} images to {_OUT.value}')
 
   cli.run_user_command(run, _VERBOSE.value)

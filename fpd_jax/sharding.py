@@ -14,6 +14,13 @@ is data parallelism whose parameters (and optimizer state) are sharded too.
 
 With several processes (`config.distributed`), each host reads its slice of the batch (`host_shard`, `host_rows`) and
 `batch()` assembles the global array from the per-host pieces.
+
+Sampling and evaluation (`rows`, `gather`): every process holds the whole (small) batch of labels; `rows()` splits it
+over the batch axes, padded to a multiple of `data_parallel` by repeating its last row, and `gather()` brings the
+result back to every process as numpy, where the caller drops the padding. A sample's randomness depends only on the
+batch key and its row: JAX's partitionable threefry (`jax_threefry_partitionable`, on by default) draws each
+element's bits from its index in the global array, whatever the sharding, and rows appended at the end leave the
+bits of the others unchanged. So a sharded evaluation gives the same samples as one device for the same seed.
 """
 
 import dataclasses
@@ -25,6 +32,7 @@ from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fpd_jax.errors import UserError
@@ -100,12 +108,22 @@ def host_shard(batch_size: int) -> dict[str, int]:
   return {'shard_index': jax.process_index(), 'shard_count': jax.process_count()}
 
 
-def host_rows(global_batch):
-  """This host's rows of a batch every host computed whole (e.g. the labels of a distillation step)."""
+def host_rows(global_batch, index: int | None = None, count: int | None = None):
+  """Host `index`'s rows `[index * B/count, (index + 1) * B/count)` of a batch every host computed whole (e.g. the
+  labels of a distillation step, the record indices of a data batch); default: this process of all."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+
   def one(x):
-    n = len(x) // jax.process_count()
-    return x[jax.process_index() * n:(jax.process_index() + 1) * n]
+    n = len(x) // count
+    return x[index * n:(index + 1) * n]
   return jax.tree.map(one, global_batch)
+
+
+def _from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array with `sharding` from a value every process holds whole (each places its own shards)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 @dataclasses.dataclass
@@ -168,6 +186,29 @@ class Partitioner:
     if jax.process_count() == 1:
       return jax.device_put(batch, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+  def replicate(self, tree):
+    """A tree every process holds whole (host or single-device arrays) -> copies on every device of the mesh."""
+    return jax.tree.map(lambda x: _from_host(x, self.replicated), jax.device_get(tree))
+
+  def rows(self, batch) -> tuple[Any, int]:
+    """A batch every process holds whole -> (global arrays split over the batch axes, its number of rows).
+
+    The rows are padded to a multiple of `data_parallel` by repeating the last one; drop them after `gather`.
+    """
+    leaves = jax.tree.leaves(batch)
+    n = len(leaves[0])
+    pad = -n % self.data_parallel
+
+    def one(x):
+      x = np.asarray(x)
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+      return _from_host(x, self.batch_sharding)
+    return jax.tree.map(one, batch), n
+
+  def gather(self, tree):
+    """Global arrays (any sharding) -> numpy arrays of their whole value on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True)
 
   def jit_step(self, step_fn: Callable, state, *frozen):
     """`step_fn(state, *frozen, batch, rng) -> (state, metrics)` jitted with shardings; `state` is donated.

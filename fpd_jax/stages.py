@@ -13,6 +13,7 @@ import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fpd_jax import sampling
@@ -30,7 +31,10 @@ from fpd_jax.train import tokenizer
 
 
 def _data(config, workdir: str) -> dict:
-  mnist.build_dataset(os.path.join(workdir, 'data'))
+  if jax.process_index() == 0:  # One process writes the dataset to the shared workdir; the others wait for it.
+    mnist.build_dataset(os.path.join(workdir, 'data'))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('fpd_jax:data_stage')
   return {}
 
 

@@ -627,3 +627,53 @@ echo '{"ok": 1}'
   assert calls[-1].endswith(f'--anchors={res}/anchor_fpd_step_32.json,{res}/anchor_fpd_step_64.json '
                             f'--out={res}/comparison.json')
   assert (tmp_path / 'res' / 'anchor_fpd_step_64.json').read_text() == '{"ok": 1}\n'
+
+
+def test_local_multi_process_commands():
+  """--processes 2: one background command per process, joined through 127.0.0.1:PORT, logs per process."""
+  cmds = _dry('local.sh', '--processes=2', '--fake-devices=4', '--port=23456', '--config=configs/demo.py:tiny',
+              '--workdir=/tmp/tiny2', '--', '--config.seed=1')
+  assert cmds[:2] == [['cd', ROOT], ['mkdir', '-p', '/tmp/tiny2/logs']]
+  assert len(cmds) == 4
+  for i, cmd in enumerate(cmds[2:]):
+    assert cmd == ['env', 'XLA_FLAGS=--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS=cpu',
+                   'FPD_JAX_COORDINATOR=127.0.0.1:23456', 'FPD_JAX_NUM_PROCESSES=2', f'FPD_JAX_PROCESS_ID={i}',
+                   'python', '-m', 'fpd_jax.main', '--config=configs/demo.py:tiny', '--workdir=/tmp/tiny2',
+                   '--config.distributed=True', '--config.seed=1', '>', f'/tmp/tiny2/logs/process_{i}.log', '2>&1',
+                   '&']
+  [*_, first, _] = _dry('local.sh', '--processes=3', '--config=configs/demo.py', '--workdir=/tmp/x')
+  port = int(_flag(first, 'FPD_JAX_COORDINATOR').split(':')[1])  # A free port was picked.
+  assert _flag(first, 'FPD_JAX_COORDINATOR') == f'127.0.0.1:{port}' and 20000 <= port < 40000
+  assert 'XLA_FLAGS' not in ' '.join(first)
+
+
+@pytest.mark.parametrize('args', [('--processes=0',), ('--processes=two',), ('--processes=2', '--port=http')])
+def test_local_bad_process_settings_exit_2(args):
+  out = _launch('local.sh', '--dry-run', '--config=configs/demo.py', '--workdir=/w', *args)
+  assert out.returncode == 2 and out.stdout == ''
+  assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith('error: '), out.stderr
+
+
+def test_local_multi_process_run_waits_for_all_and_names_the_failed_ones(tmp_path):
+  """Stand-in python: process 1 fails with a one-line error, process 2 is aborted the way JAX stops a process whose
+  peer died; the launcher waits for all, names each with its reason and log, and exits 1."""
+  fake = _write_exe(str(tmp_path / 'fakepython'), f"""#!/usr/bin/env bash
+echo "process $FPD_JAX_PROCESS_ID of $FPD_JAX_NUM_PROCESSES at $FPD_JAX_COORDINATOR"
+case $FPD_JAX_PROCESS_ID in
+  1) echo "error: boom"; exit 3 ;;
+  2) echo "F1130 client.h:80] {'Terminating process because the JAX distributed service detected fatal errors'}."
+     echo "Extension modules: numpy"; kill -ABRT $$ ;;
+esac
+""")
+  out = _launch('local.sh', '--processes=3', '--port=23457', f'--python={fake}', '--config=configs/demo.py',
+                f'--workdir={tmp_path}/run')
+  assert out.returncode == 1
+  assert (tmp_path / 'run/logs/process_0.log').read_text() == 'process 0 of 3 at 127.0.0.1:23457\n'
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error: ')]
+  logs = f'{tmp_path}/run/logs'
+  assert errors == [
+      f'error: process 1 of 3 exited with status 3: error: boom (log: {logs}/process_1.log)',
+      "error: process 2 of 3 was killed by signal 6 (ABRT): JAX's coordination service stopped it: another process "
+      f'died or stopped sending heartbeats (--config.heartbeat_timeout_s) (log: {logs}/process_2.log)',
+      'error: the 3-process run stopped; rerun the same command to resume from the last checkpoints.']
+  assert not list((tmp_path / 'run/logs').glob('*.pid'))

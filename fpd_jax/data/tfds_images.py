@@ -8,11 +8,13 @@ ADM evaluation suite prepares reference images (`center_crop_resize`). Preparing
 step (the error message names it).
 """
 
+import functools
 import io
 
 import grain
 import numpy as np
 
+from fpd_jax import sharding
 from fpd_jax.errors import UserError
 
 IMAGENET = 'imagenet2012'
@@ -83,14 +85,20 @@ class _Decode(grain.transforms.Map):
 
 def batch_dataset(source, batch_size: int, seed: int, size: int, shard_index: int = 0,
                   shard_count: int = 1) -> grain.MapDataset:
-  """Shuffled, repeated, decoded batches; `ds[step]` is the batch of step `step` (random access: exact resume).
+  """Shuffled, repeated, decoded batches; `ds[step]` is this host's rows of the batch of step `step` (random
+  access: exact resume).
 
-  Unlike the MNIST pipeline nothing is read into memory: each batch decodes its `batch_size // shard_count`
-  JPEGs when asked. Host `i` of `shard_count` reads records `i::shard_count`.
+  Unlike the MNIST pipeline nothing is read into memory: the global batch of a step is a list of record indices
+  (a function of `seed` and the step only), and host `i` of `shard_count` reads and decodes only its rows of it,
+  `[i * B/n, (i + 1) * B/n)` (`sharding.host_rows`), so any number of hosts trains on the same batches.
   """
   if batch_size % shard_count:
     raise UserError(f'batch size {batch_size} is not divisible by the {shard_count} hosts; use a multiple.')
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
   shuffle_seed = int(np.random.SeedSequence([seed, 0x494E]).generate_state(1)[0])
-  return ds.shuffle(seed=shuffle_seed).repeat().map(_Decode(size)).batch(batch_size // shard_count,
-                                                                           drop_remainder=True)
+  ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat().batch(batch_size, drop_remainder=True)
+  decode = _Decode(size)
+
+  def read(indices):
+    records = [decode.map(source[int(i)]) for i in indices]
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}
+  return ds.map(functools.partial(sharding.host_rows, index=shard_index, count=shard_count)).map(read)

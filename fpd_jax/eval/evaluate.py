@@ -15,6 +15,13 @@
 
 Both add images/s of sampling + decoding measured after compilation, and the time of every stage. Sample grids go
 to `DIR/samples/<name>.png`.
+
+Sampling is spread over every device of every process (the batch axes of `config.mesh`): each evaluation batch of
+labels is split over the devices (`Partitioner.rows`, padded to a multiple of the device count, the padding
+dropped), the model parameters are replicated, and the images are gathered to every process
+(`Partitioner.gather`), which then computes the same metrics; only process 0 writes files. Batch `i` uses the key
+`fold_in(rng, i)` and each image's randomness is a function of that key and its row (see `fpd_jax/sharding.py`), so
+the numbers do not depend on the number of devices or processes.
 """
 
 import os
@@ -23,10 +30,10 @@ from typing import Callable
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from fpd_jax import batching
 from fpd_jax import sampling
+from fpd_jax import sharding
 from fpd_jax.data import mnist
 from fpd_jax.errors import UserError
 from fpd_jax.eval import fid
@@ -39,11 +46,13 @@ from fpd_jax.train import eval_net as eval_net_stage
 from fpd_jax.train import teacher as teacher_stage
 from fpd_jax.train import tokenizer as tokenizer_stage
 
-# Image generator: (labels [B] int32, rng) -> images [B, H, W, C] in [0, 1] (a jax array).
-Generator = Callable[[np.ndarray, jax.Array], jax.Array]
+# Image generator: (labels [B] int32, rng) -> images [B, H, W, C] in [0, 1] (jax arrays; the labels arrive split
+# over the partitioner's batch axes, the parameters it closes over are on the same mesh).
+Generator = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def measure(config, image_metrics, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
+def measure(config, image_metrics, generate: Generator, rng: jax.Array,
+            partitioner: sharding.Partitioner) -> tuple[dict, np.ndarray, np.ndarray]:
   """Samples `evaluate.num_samples` class-balanced images and scores them with `image_metrics(images, labels)`.
 
   Returns:
@@ -51,12 +60,9 @@ def measure(config, image_metrics, generate: Generator, rng: jax.Array) -> tuple
   """
   cfg = config.evaluate
   labels = (np.arange(cfg.num_samples) % config.data.num_classes).astype(np.int32)
-  batches = [labels[i:i + cfg.batch_size] for i in range(0, len(labels), cfg.batch_size)]
-  jax.block_until_ready(generate(batches[0], rng))  # Compile outside the timing.
+  jax.block_until_ready(generate(partitioner.rows(labels[:cfg.batch_size])[0], rng))  # Compile outside the timing.
   start = time.perf_counter()
-  images = [generate(b, jax.random.fold_in(rng, i)) for i, b in enumerate(tqdm(batches, desc='sampling',
-                                                                                  disable=len(batches) < 4))]
-  images = np.concatenate([np.asarray(jax.block_until_ready(x)) for x in images])
+  images = batching.sample_on_mesh(partitioner, generate, labels, cfg.batch_size, rng)
   seconds = time.perf_counter() - start
   row = image_metrics(images, labels)
   row['images_per_sec'] = len(images) / seconds
@@ -123,19 +129,20 @@ class Evaluator:
       out['accuracy'] = float(metrics.class_accuracy(logits, labels))
     return out
 
-  def measure(self, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
+  def measure(self, generate: Generator, rng: jax.Array,
+              partitioner: sharding.Partitioner) -> tuple[dict, np.ndarray, np.ndarray]:
     """Samples `evaluate.num_samples` class-balanced images; returns (metrics row, images, labels)."""
-    return measure(self.config, self.image_metrics, generate, rng)
+    return measure(self.config, self.image_metrics, generate, rng, partitioner)
 
 
 class InceptionEvaluator:
   """FID (and IS, when the weights hold a classifier) against the configured reference statistics."""
 
-  def __init__(self, config):
+  def __init__(self, config, partitioner: sharding.Partitioner):
     cfg = config.evaluate
     self.config = config
     self.inception = fid.InceptionMetrics(weights=cfg.get('inception_weights', ''),
-                                          classifier=cfg.get('inception_classifier', ''))
+                                          classifier=cfg.get('inception_classifier', ''), partitioner=partitioner)
     self.reference = fid.reference_stats(cfg.reference, self.inception, resolution=config.data.image_size,
                                          limit=cfg.get('reference_limit', 0),
                                          tfds_data_dir=config.data.get('tfds_data_dir') or None)
@@ -151,8 +158,9 @@ class InceptionEvaluator:
       row['inception_score'], row['inception_score_std'] = fid.inception_score(acts['logits'])
     return row
 
-  def measure(self, generate: Generator, rng: jax.Array) -> tuple[dict, np.ndarray, np.ndarray]:
-    return measure(self.config, self.image_metrics, generate, rng)
+  def measure(self, generate: Generator, rng: jax.Array,
+              partitioner: sharding.Partitioner) -> tuple[dict, np.ndarray, np.ndarray]:
+    return measure(self.config, self.image_metrics, generate, rng, partitioner)
 
 
 def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
@@ -175,10 +183,12 @@ def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
           'codebook_usage': float(len(used) / config.tokenizer.codebook_size)}
 
 
-def teacher_generators(config, workdir: str) -> dict[str, tuple[int, Generator]]:
-  """`teacher_<T>step` -> (T, generator) for each configured step count."""
+def teacher_generators(config, workdir: str,
+                       partitioner: sharding.Partitioner) -> dict[str, tuple[int, Generator]]:
+  """`teacher_<T>step` -> (T, generator) for each configured step count (parameters replicated on the mesh)."""
   teacher, teacher_params = teacher_stage.load(config, workdir)
   tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
+  teacher_params, tokenizer_params = partitioner.replicate((teacher_params, tokenizer_params))
   grid = build.token_grid(config)
   out = {}
   for steps in config.evaluate.teacher_steps:
@@ -206,21 +216,23 @@ def run(config, workdir: str, extra_generators: dict | None = None) -> dict:
   if metric not in METRICS:
     raise UserError(f'config.evaluate.metric={metric!r}; choose one of {METRICS}.')
   rng = jax.random.key(config.seed + 100)
+  partitioner = sharding.Partitioner.from_config(config)
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   if metric == 'inception':
-    evaluator = InceptionEvaluator(config)
+    evaluator = InceptionEvaluator(config, partitioner)
   else:
     evaluator = Evaluator(config, workdir)
     grid_lib.save_png(os.path.join(workdir, 'samples', 'real.png'),
                       grid_lib.class_grid(evaluator.held_out['image'], evaluator.held_out['label'],
                                           config.data.num_classes, config.evaluate.grid_per_class))
-  generators = teacher_generators(config, workdir)
+  generators = teacher_generators(config, workdir, partitioner)
   if 'distill' in config.stages:
-    generators['student_1step'] = (1, distill_stage.student_generator(os.path.join(workdir, 'distill', 'export')))
+    generators['student_1step'] = (1, distill_stage.student_generator(os.path.join(workdir, 'distill', 'export'),
+                                                                      partitioner))
   generators.update(extra_generators or {})
   models = {}
   for name, (steps, generate) in generators.items():
-    row, images, labels = evaluator.measure(generate, rng)
+    row, images, labels = evaluator.measure(generate, rng, partitioner)
     row['steps'] = steps
     models[name] = row
     grid_lib.save_png(os.path.join(workdir, 'samples', f'{name}.png'), sample_grid(config, images, labels))

@@ -127,16 +127,22 @@ class InceptionMetrics:
     weights: explicit Inception weights (see `inception.load_params`).
     classifier: optional classifier file for IS (see `inception.load_classifier`).
     batch_size: images per network call; the last batch is padded, so each image size compiles once.
+    partitioner: a `fpd_jax.sharding.Partitioner`: each batch is split over its batch axes (every device of every
+      process; the parameters are replicated) and the activations gathered to every process. None: this
+      process's default device. The activations of an image do not depend on it.
   """
 
   def __init__(self, params: Optional[dict] = None, *, weights: str = '', classifier: str = '',
-               batch_size: int = DEFAULT_BATCH_SIZE):
+               batch_size: int = DEFAULT_BATCH_SIZE, partitioner=None):
     import jax  # pylint: disable=g-import-not-at-top  # Keep `--help` fast.
     from fpd_jax.models import inception  # pylint: disable=g-import-not-at-top
     if batch_size <= 0:
       raise UserError(f'--batch_size must be > 0, got {batch_size}.')
     self.params = params if params is not None else inception.load_params(weights, classifier)
     self.num_classes = inception.num_classes(self.params)
+    self.partitioner = partitioner
+    if partitioner is not None:
+      self.params = partitioner.replicate(self.params)
     self.batch_size = batch_size
     model = inception.InceptionV3(self.num_classes)
 
@@ -173,13 +179,21 @@ class InceptionMetrics:
           raise ValueError(f'batch of {count} images > batch_size {self.batch_size}')
         if count < self.batch_size:  # Pad, so the last batch reuses the compiled function.
           batch = np.concatenate([batch, np.zeros((self.batch_size - count,) + batch.shape[1:], batch.dtype)])
-        result = self._network(self.params, batch if prepared else self._prepare(batch))
+        result = self._activations(batch, prepared)
         for key in outs:
           outs[key].append(np.asarray(result[key][:count], np.float32))
         bar.update(count)
     if not outs['pool']:
       raise UserError('no images to measure.')
     return {k: np.concatenate(v) for k, v in outs.items()}
+
+  def _activations(self, batch: np.ndarray, prepared: bool) -> dict[str, np.ndarray]:
+    """The network's outputs for one full batch, on every device of the partitioner (or the default one)."""
+    if self.partitioner is None:
+      return self._network(self.params, batch if prepared else self._prepare(batch))
+    placed, count = self.partitioner.rows(batch)
+    result = self._network(self.params, placed if prepared else self._prepare(placed))
+    return {k: v[:count] for k, v in self.partitioner.gather(result).items()}
 
   def activations(self, images, desc: str = 'inception') -> dict[str, np.ndarray]:
     """Activations of images (uint8, or float in [0, 1]; C = 1 or 3).
@@ -333,7 +347,10 @@ def _tfds_reference_stats(reference, inception, resolution, limit, tfds_data_dir
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
-  """Writes `mu`, `sigma` (and `num_images`) as an `.npz` that `--reference` accepts."""
+  """Writes `mu`, `sigma` (and `num_images`) as an `.npz` that `--reference` accepts (process 0 only)."""
+  import jax  # pylint: disable=g-import-not-at-top  # Keep `--help` fast.
+  if jax.process_index():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}.npz'
   np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), num_images=num_images)
@@ -359,7 +376,10 @@ def evaluate(samples: str, reference: str, *, batch_size: int = DEFAULT_BATCH_SI
     raise UserError(f'--reference={reference}: give an .npz (mu/sigma or images) or tfds:NAME/SPLIT.')
   if len(images) < 2:
     raise UserError(f'samples {samples} hold {len(images)} image; FID needs at least 2.')
-  inception = inception or InceptionMetrics(weights=weights, classifier=classifier, batch_size=batch_size)
+  if inception is None:
+    from fpd_jax import sharding  # pylint: disable=g-import-not-at-top  # Keep `--help` fast.
+    inception = InceptionMetrics(weights=weights, classifier=classifier, batch_size=batch_size,
+                                 partitioner=sharding.Partitioner.from_config({}))  # All devices, all processes.
   if inception.has_classifier and len(images) < splits:
     raise UserError(f'the Inception Score needs at least {splits} samples (--is_splits), got {len(images)}.')
   ref = reference_stats(reference, inception, resolution=reference_resolution or images.shape[1],
@@ -400,6 +420,9 @@ _NUM_REF = flags.DEFINE_integer('num_reference', 0, 'Use only the first N refere
 _TFDS_DIR = flags.DEFINE_string('tfds_data_dir', None, 'TFDS data directory of a tfds: reference.')
 _SPLITS = flags.DEFINE_integer('is_splits', IS_SPLITS, 'Inception Score splits.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Multi-process run (one process per host, started like '
+                                 'fpd_jax.main by the launch/ scripts): the Inception batches are split over the '
+                                 'devices of all processes; process 0 prints and writes --out.')
 
 
 def main(argv):
@@ -407,12 +430,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
 
   def run():
+    if _DISTRIBUTED.value:
+      cli.initialize_distributed()
     if not _SAMPLES.value or not _REFERENCE.value:
       raise UserError('--samples and --reference are required (see --help).')
     result = evaluate(_SAMPLES.value, _REFERENCE.value, batch_size=_BATCH.value, weights=_WEIGHTS.value,
                       classifier=_CLASSIFIER.value, save_reference_stats=_SAVE_REF.value,
                       reference_resolution=_RESOLUTION.value, num_reference=_NUM_REF.value,
                       tfds_data_dir=_TFDS_DIR.value, splits=_SPLITS.value)
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index():
+      return
     print(f'FID {result["fid"]:.4f} ({result["num_samples"]} samples vs {result["num_reference"] or "?"} '
           f'reference images)')
     if result['inception_score'] is None:

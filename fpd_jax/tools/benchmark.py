@@ -2,6 +2,7 @@ r"""Speed of the FPD step and of sampling: a device-scaling table, or the figure
 
   python -m fpd_jax.tools.benchmark                                   # demo config, 1/2/4/8 devices
   python -m fpd_jax.tools.benchmark --config=configs/imagenet.py:gpu --devices=1 --steps=20
+  python -m fpd_jax.tools.benchmark --measure=sampling --sampling_steps=8 --steps=4  # evaluation sampling
   python -m fpd_jax.tools.benchmark --suite=accelerator               # ImageNet (configs/imagenet.py), one device
   python -m fpd_jax.tools.benchmark --suite=accelerator --config=configs/imagenet.py:smoke --batch_sizes=8,16 \
       --sample_batch=16 --out=bench.json                              # the same table at tiny sizes, on a CPU
@@ -43,8 +44,10 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from fpd_jax import batching  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fpd_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -120,6 +123,25 @@ def step_row(config, frozen, devices: list, fsdp: int, steps: int) -> dict:
   if 'peak_bytes_in_use' in stats:
     row.update(peak_gib=stats['peak_bytes_in_use'] / GIB, peak_source='memory_stats')
   return row
+
+
+def sampling_row(config, frozen, devices: list, num_steps: int, batches: int) -> dict:
+  """Images/s of teacher sampling on `devices` (mesh data=len(devices)), as the evaluate stage runs it
+  (`batching.sample_on_mesh`: batches of `evaluate.batch_size` split over the devices)."""
+  partitioner = sharding.Partitioner.from_config({}, devices)
+  sample = sampling.teacher_image_sampler(build.teacher(config), build.tokenizer(config), build.token_grid(config),
+                                          num_steps, config)
+  params, tokenizer_params = partitioner.replicate((frozen['teacher'], frozen['tokenizer']))
+  generate = lambda labels, rng: sample(params, tokenizer_params, labels, rng)
+  batch_size = config.evaluate.batch_size
+  labels = (np.arange(batch_size * batches) % config.data.num_classes).astype(np.int32)
+  batching.sample_on_mesh(partitioner, generate, labels[:batch_size], batch_size, jax.random.key(0))  # Compile.
+  start = time.perf_counter()
+  batching.sample_on_mesh(partitioner, generate, labels, batch_size, jax.random.key(1))
+  seconds = time.perf_counter() - start
+  return {'devices': len(devices), 'device_kind': devices[0].device_kind, 'mesh': f'data={len(devices)}',
+          'batch_size': batch_size, 'ms_per_step': 1000 * seconds / batches, 'steps_per_sec': batches / seconds,
+          'images_per_sec': len(labels) / seconds}
 
 
 def sampler_row(name: str, sample, params, tokenizer_params, labels, steps: int, device) -> dict:
@@ -242,6 +264,9 @@ def _define_flags():
                     'step and sampling figures of one device; compare: --ours next to --anchors.')
   flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'scaling: device counts to measure.')
   flags.DEFINE_integer('fsdp', 1, 'scaling: size of the fsdp mesh axis (the data axis takes the rest).')
+  flags.DEFINE_enum('measure', 'train', ['train', 'sampling'], 'scaling: the FPD step (train) or teacher image '
+                    'sampling of the evaluate stage (timed batches = --steps).')
+  flags.DEFINE_integer('sampling_steps', 8, 'scaling --measure=sampling: teacher decoding steps.')
   flags.DEFINE_integer('steps', 10, 'Timed calls per row (after compiling and one warm-up call).')
   flags.DEFINE_list('batch_sizes', ['32', '64'], 'accelerator: FPD step batch sizes (multiples of '
                     'distill.samples_per_group).')
@@ -282,7 +307,10 @@ def main(argv):
       frozen = random_frozen_params(config)
       rows = []
       for n in counts:
-        rows.append(step_row(config, frozen, jax.devices()[:n], FLAGS.fsdp, FLAGS.steps))
+        if FLAGS.measure == 'sampling':
+          rows.append(sampling_row(config, frozen, jax.devices()[:n], FLAGS.sampling_steps, FLAGS.steps))
+        else:
+          rows.append(step_row(config, frozen, jax.devices()[:n], FLAGS.fsdp, FLAGS.steps))
         print(f'{n} device(s): {rows[-1]["steps_per_sec"]:.2f} steps/s, {rows[-1]["images_per_sec"]:.1f} '
               'images/s', flush=True)
       print(table(rows, SCALING_COLS))

@@ -229,8 +229,10 @@ def load_student(export_dir: str):
   return config, model, params['student'], tokenizer, params['tokenizer']
 
 
-def student_generator(export_dir: str):
-  """A generator `(labels, rng) -> images` of the exported one-step student (for evaluation)."""
+def student_generator(export_dir: str, partitioner: sharding.Partitioner):
+  """A generator `(labels, rng) -> images` of the exported one-step student (for evaluation), its parameters
+  replicated on the partitioner's mesh."""
   config, model, params, tokenizer, tokenizer_params = load_student(export_dir)
+  params, tokenizer_params = partitioner.replicate((params, tokenizer_params))
   sample = sampling.student_image_sampler(model, tokenizer, build.token_grid(config), config.distill)
   return lambda labels, rng: sample(params, tokenizer_params, labels, rng)
