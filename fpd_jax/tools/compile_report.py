@@ -29,8 +29,9 @@ from fpd_jax.train import distill
 GIB = 2 ** 30
 
 
-def compile_step(config, batch_size: int, partitioner: sharding.Partitioner) -> dict:
-  """Lowers and compiles the FPD step for `batch_size` on the partitioner's mesh; returns its figures."""
+def compile_step(config, batch_size: int, partitioner: sharding.Partitioner, workdir: str = '') -> dict:
+  """Lowers and compiles the configured distill step (FPD or Di[M]O) for `batch_size` on the partitioner's mesh;
+  returns its figures. Frozen parameters are shapes of those `config` names (of `workdir` for trained stages)."""
   config = config.copy_and_resolve_references()
   cfg = config.distill
   if batch_size % cfg.samples_per_group:
@@ -41,7 +42,7 @@ def compile_step(config, batch_size: int, partitioner: sharding.Partitioner) -> 
                     'is split over.')
   cfg.groups_per_batch = batch_size // cfg.samples_per_group
   train = distill.trainer(config)
-  frozen = jax.eval_shape(lambda: distill.load_frozen_params(config, workdir=''))
+  frozen = jax.eval_shape(lambda: distill.load_frozen_params(config, workdir=workdir))
   state = jax.eval_shape(train.init_state, frozen['teacher'])
   state, frozen = partitioner.abstract(state), partitioner.abstract(frozen)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=partitioner.batch_sharding),
