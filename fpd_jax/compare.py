@@ -172,7 +172,8 @@ class Comparison:
   def cost(self, cfg) -> dict:
     """Peak memory and FLOPs of the compiled step (XLA analyses) and the trained parameter count."""
     partitioner = sharding.Partitioner.from_config(cfg)
-    row = compile_report.compile_step(cfg, distill.batch_size(cfg.distill), partitioner, workdir=self.workdir)
+    row = compile_report.compile_step(cfg, distill.batch_size(cfg.distill), partitioner,
+                                      distill.load_frozen_params(cfg, self.workdir))
     return {'peak_memory_mib': row.get('total_gib', float('nan')) * 1024,
             'flops_per_step': row['flops_per_step'],
             'trained_params': distill.trained_parameter_count(cfg, self.teacher_params)}
