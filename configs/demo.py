@@ -90,6 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Fixed-Point Distillation (DESIGN.md §1.2-1.3): the one-step student.
   c.distill = ml_collections.ConfigDict()
+  c.distill.method = 'fpd'  # 'fpd' (the method) or 'dimo' (the Di[M]O baseline, knobs in c.distill.dimo below).
+  c.distill.seed = 0  # Offset of the distill stage's randomness only (the teacher and other stages stay the same).
   c.distill.r_init = 0.95  # Fraction of the student's input positions holding the mask token (rest: random codes).
   # Draft tokens: 'gumbel' (Gumbel-max at student_temperature) or 'argmax' (randomness from the input noise only).
   # On the demo argmax drafts distil far better (FD 6.4 vs 7.9 at 300 steps, all else equal).
@@ -122,6 +124,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill.gan.loss = 'hinge'  # 'hinge' or 'nonsat' (non-saturating).
   c.distill.gan.widths = (16, 32, 64)  # Discriminator ConvNet widths.
   c.distill.gan.learning_rate = 2e-4
+  # Shared with FPD: num_steps, groups_per_batch x samples_per_group (the batch), ema_decay, compute_dtype.
+  c.distill.dimo = dimo_config()
+  c.distill.dimo.learning_rate = 1e-4  # Demo scale (the reference's 1e-5 is for ImageNet, 50k steps).
+  c.distill.dimo.aux_learning_rate = 1e-4
+  c.distill.dimo.warmup_steps = 20
 
   # ---- Sampling (DESIGN.md §1.1).
   c.sampling = ml_collections.ConfigDict()
@@ -141,6 +148,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate.knn_k = 3  # k of the k-NN manifolds for precision/recall.
   c.evaluate.grid_per_class = 10  # Columns of the sample grids (one row per class).
 
+  # ---- FPD vs Di[M]O (`python -m fpd_jax.compare`): budgets from c.distill.num_steps; runs in DIR/compare/.
+  c.compare = ml_collections.ConfigDict()
+  c.compare.snapshots = 4  # EMA snapshots per num_steps measured for the FD-vs-time plot.
+  c.compare.curve_samples = 500  # Samples per snapshot measurement (the table uses evaluate.num_samples).
+  c.compare.tune_seeds = (0, 1, 2)  # --tune: settings are chosen by mean FD over these distillation seeds.
+  # --tune: <= 4 settings per method, each comma-separated overrides of config.distill (dotted keys reach sections).
+  c.compare.tune_fpd = ('learning_rate=1e-4', 'learning_rate=3e-4', 'learning_rate=1e-4,teacher_cfg_scale=1.0',
+                        'learning_rate=3e-4,teacher_cfg_scale=1.0')
+  c.compare.tune_dimo = ('dimo.learning_rate=1e-4,dimo.aux_learning_rate=1e-4',
+                         'dimo.learning_rate=3e-4,dimo.aux_learning_rate=3e-4',
+                         'dimo.learning_rate=1e-4,dimo.aux_learning_rate=1e-4,dimo.teacher_cfg_scale=2.0',
+                         'dimo.learning_rate=3e-4,dimo.aux_learning_rate=3e-4,dimo.teacher_cfg_scale=2.0')
+
   # ---- Device mesh and partitioning (fpd_jax/sharding.py): the batch is split over data x fsdp; parameters and
   # optimizer states by the rules below (first matching regex on the parameter path wins; a dimension the axis
   # does not divide stays replicated). E.g. 8 devices: --config.mesh.data=2 --config.mesh.fsdp=4.
@@ -159,6 +179,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(f'Unknown demo config variant {arg!r}; use configs/demo.py or configs/demo.py:tiny.')
   return c
+
+
+def dimo_config() -> ml_collections.ConfigDict:
+  """Di[M]O's knobs (DESIGN.md §1.5), defaults = the reference (yuanzhi-zhu/DiMO `configs/DIMO_MaskGit.yaml`)."""
+  d = ml_collections.ConfigDict()
+  d.mask_fraction = 0.6  # Fraction of the generator's input positions holding the mask token (rest: random codes).
+  d.embedding_noise = 0.1  # sigma: image-token input embeddings become sigma*eps + sqrt(1-sigma^2)*e (0 = off).
+  d.student_temperature = 1.0  # Temperature of the training drafts sampled from the student's softmax.
+  d.sample_temperature = 1.0  # Temperature of one-step generation at inference (the exported student's).
+  d.remask_schedule = 'arccos'  # gamma of the re-masking: ceil(gamma(r)*N) positions masked, r ~ U[0, 1).
+  d.teacher_cfg_scale = 1.0  # w of the teacher, (1+w)*cond - w*uncond; the reference's "true_cfg 2" is w = 1.
+  d.teacher_temperature = 1.0  # Temperature of the teacher's probabilities.
+  d.aux_cfg_scale = 0.0  # w of the auxiliary model's probabilities (reference "fake_cfg 1" = no guidance).
+  d.aux_label_smoothing = 0.1  # Of the auxiliary model's cross-entropy on re-masked student drafts.
+  d.learning_rate = 1e-5  # Student: Adam, linear warmup then constant (global-norm clip: config.train.grad_clip).
+  d.aux_learning_rate = 1e-5  # Auxiliary model, same schedule.
+  d.warmup_steps = 100
+  d.b2 = 0.999  # Adam beta2 of both (the reference uses PyTorch's default).
+  # Parameters neither model trains (regexes on parameter paths): token/position embeddings and the output bias.
+  d.frozen_params = (r'word_embeddings', r'position_embeddings', r'mlm_bias')
+  return d
 
 
 def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
@@ -218,3 +259,8 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   c.evaluate.grid_per_class = 2
   c.train.checkpoint_every = 3
   c.train.log_every = 2
+  c.compare.snapshots = 2
+  c.compare.curve_samples = 20
+  c.compare.tune_seeds = (0,)
+  c.compare.tune_fpd = ('learning_rate=1e-4',)
+  c.compare.tune_dimo = ('dimo.learning_rate=1e-4',)

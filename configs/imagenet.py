@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Fixed-Point Distillation (DESIGN.md §1.2-1.3).
   c.distill = ml_collections.ConfigDict()
+  c.distill.method = 'fpd'  # 'fpd' (the method) or 'dimo' (the Di[M]O baseline, c.distill.dimo below).
+  c.distill.seed = 0  # Offset of the distill stage's randomness only.
   c.distill.r_init = 0.95  # Fraction of the student's input positions holding the mask token.
   c.distill.student_sampling = 'gumbel'  # 'gumbel' (Gumbel-max at student_temperature) or 'argmax'.
   c.distill.student_temperature = 1.0
@@ -108,6 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill.gan.loss = 'hinge'  # 'hinge' or 'nonsat'.
   c.distill.gan.widths = (64, 128, 256, 512)  # Discriminator ConvNet widths.
   c.distill.gan.learning_rate = 2e-4
+  # Di[M]O with the reference's values (yuanzhi-zhu/DiMO: batch 64, EMA 0.9999, 50k steps, Adam 1e-5, 100 warmup).
+  c.distill.dimo = demo.dimo_config()
+  # The released JAX teacher has no null class, so no CFG (the reference guides its PyTorch teacher with w = 1).
+  c.distill.dimo.teacher_cfg_scale = 0.0
 
   # ---- Teacher sampling (the released MaskGIT sampler).
   c.sampling = ml_collections.ConfigDict()

@@ -38,20 +38,8 @@ VARIANTS = {
     'single_bandwidth': ({'temperatures': (0.05,)}, 'slightly worse: 0.41 vs multi-bandwidth 0.43'),
     'gan': ({'gan.enabled': True}, 'slightly better: +0.02'),
 }
-PREREQUISITES = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net')
-
-
-def variant_config(config, overrides: dict):
-  """A copy of `config` with `config.distill` overrides applied (dotted keys reach nested sections)."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for key, value in overrides.items():
-      section = config.distill
-      *path, leaf = key.split('.')
-      for p in path:
-        section = section[p]
-      section[leaf] = value
-  return config
+PREREQUISITES = stages.DISTILL_INPUTS
+variant_config = distill.with_overrides
 
 
 def markdown(rows: dict, num_steps: int) -> str:
@@ -69,10 +57,7 @@ def markdown(rows: dict, num_steps: int) -> str:
 
 def run(config, workdir: str, only=None) -> dict:
   """Trains and measures every variant; returns `{variant: metrics}` and writes the tables."""
-  prerequisites = config.copy_and_resolve_references()
-  with prerequisites.unlocked():
-    prerequisites.stages = PREREQUISITES
-  stages.run_pipeline(prerequisites, workdir)
+  stages.run_distill_inputs(config, workdir)
   evaluator = evaluate.Evaluator(config, workdir)
   partitioner = sharding.Partitioner.from_config(config)
   rows = {}

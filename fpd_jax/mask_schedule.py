@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-METHODS = ('cosine', 'linear', 'square', 'cubic')
+METHODS = ('cosine', 'linear', 'square', 'cubic', 'arccos')
 
 
 def gamma(ratio, method: str = 'cosine'):
@@ -23,6 +23,8 @@ def gamma(ratio, method: str = 'cosine'):
     out = 1.0 - ratio ** 2
   elif method == 'cubic':
     out = 1.0 - ratio ** 3
+  elif method == 'arccos':  # Di[M]O's re-masking schedule (the cosine's inverse).
+    out = jnp.arccos(ratio) / (math.pi / 2.0)
   else:
     raise ValueError(f'Unknown mask schedule {method!r}; choose one of {METHODS}.')
   return jnp.clip(out, 1e-6, 1.0)
@@ -34,6 +36,12 @@ def random_mask(rng: jax.Array, batch: int, num_tokens: int, method: str = 'cosi
   ratio = jax.random.uniform(r_rng, (batch, 1))
   num_masked = jnp.ceil(gamma(ratio, method) * num_tokens)
   return mask_random_positions(pos_rng, num_masked, (batch, num_tokens))
+
+
+def mask_tokens(rng: jax.Array, tokens: jax.Array, mask_id: int, method: str = 'cosine'):
+  """Masks `tokens [B, N]` with a `random_mask` of schedule `method`; returns (masked tokens, mask)."""
+  mask = random_mask(rng, *tokens.shape, method=method)
+  return jnp.where(mask, mask_id, tokens), mask
 
 
 def mask_random_positions(rng: jax.Array, num_masked: jax.Array, shape: tuple[int, int]) -> jax.Array:

@@ -8,6 +8,7 @@ re-masked (a grid with no masked position comes back unchanged). gamma is the co
 `config.teacher.mask_schedule` (`decode_settings`), the schedule the teacher was trained with.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -165,28 +166,49 @@ def sample_tokens(rng: jax.Array, logits: jax.Array, temperature: float, mode: s
 
 
 def one_step_logits(model: MaskGITModel, params, cond, rng: jax.Array, num_tokens: int,
-                    r_init: float) -> jax.Array:
-  """The student's single forward pass on fresh input noise: logits `[B, N, K]`."""
+                    r_init: float, embedding_noise: float = 0.0) -> jax.Array:
+  """The student's single forward pass on fresh input noise: logits `[B, N, K]`.
+
+  `embedding_noise` sigma > 0 also perturbs the input tokens' embeddings (Di[M]O's generator, DESIGN.md §1.5).
+  """
   batch = jax.tree.leaves(cond)[0].shape[0]
   noise = student_input(rng, batch, num_tokens, model.codebook_size, model.mask_id, r_init)
-  return model.logits(params, noise, cond)
+  return model.logits(params, noise, cond, embedding_noise=embedding_noise,
+                      noise_rng=jax.random.fold_in(rng, 1) if embedding_noise > 0 else None)
 
 
-def one_step_generate(model: MaskGITModel, params, cond, rng: jax.Array, *, num_tokens: int, r_init: float,
-                      temperature: float = 1.0, mode: str = 'gumbel') -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class OneStepSettings:
+  """How a distilled student generates (its config travels with the export, so sampling needs nothing else)."""
+  r_init: float  # Fraction of input positions holding the mask token.
+  temperature: float  # Sampling temperature of the hard tokens.
+  mode: str  # 'gumbel' or 'argmax'.
+  embedding_noise: float = 0.0  # sigma of the input-embedding noise (Di[M]O).
+
+  @classmethod
+  def from_distill_config(cls, distill_cfg) -> 'OneStepSettings':
+    """The generator of `config.distill`: FPD's fields, or those of `distill.dimo` for `method='dimo'`."""
+    if distill_cfg.get('method', 'fpd') == 'dimo':
+      d = distill_cfg.dimo
+      return cls(d.mask_fraction, d.sample_temperature, 'gumbel', d.embedding_noise)
+    return cls(distill_cfg.r_init, distill_cfg.student_temperature, distill_cfg.student_sampling)
+
+
+def one_step_generate(model: MaskGITModel, params, cond, rng: jax.Array, *, num_tokens: int,
+                      settings: OneStepSettings) -> jax.Array:
   """One-step generation (inference of the distilled student): noise -> one forward -> hard tokens `[B, N]`."""
   noise_rng, sample_rng = jax.random.split(rng)
-  logits = one_step_logits(model, params, cond, noise_rng, num_tokens, r_init)
-  return sample_tokens(sample_rng, logits, temperature, mode)
+  logits = one_step_logits(model, params, cond, noise_rng, num_tokens, settings.r_init, settings.embedding_noise)
+  return sample_tokens(sample_rng, logits, settings.temperature, settings.mode)
 
 
 def student_image_sampler(model: MaskGITModel, tokenizer, grid: int, distill_cfg):
   """A jitted `(student_params, tokenizer_params, cond, rng) -> images [B, H, W, C] in [0, 1]`."""
+  settings = OneStepSettings.from_distill_config(distill_cfg)
 
   @jax.jit
   def sample(params, tokenizer_params, cond, rng):
-    tokens = one_step_generate(model, params, cond, rng, num_tokens=grid * grid, r_init=distill_cfg.r_init,
-                               temperature=distill_cfg.student_temperature, mode=distill_cfg.student_sampling)
+    tokens = one_step_generate(model, params, cond, rng, num_tokens=grid * grid, settings=settings)
     return decode_tokens(tokenizer, tokenizer_params, tokens, grid)
 
   return sample

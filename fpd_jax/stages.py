@@ -68,6 +68,10 @@ def dependencies(name: str, stages: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(stages[:stages.index(name)])
 
 
+# The stages a distillation reads (teacher, tokenizer, evaluation and drift feature networks, and their data).
+DISTILL_INPUTS = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net')
+
+
 def validate(config) -> None:
   """Fails fast, with the fix named, on config values no stage can run with."""
   unknown = [s for s in config.stages if s not in STAGES]
@@ -186,3 +190,11 @@ def run_pipeline(config, workdir: str) -> dict:
   if 'evaluate' in config.stages and jax.process_index() == 0:
     report.add_timings(workdir, timings, time.perf_counter() - pipeline_start)
   return {name: timings[name] for name in config.stages}
+
+
+def run_distill_inputs(config, workdir: str) -> dict:
+  """Runs the `DISTILL_INPUTS` stages not yet done (for commands that distil several students of one teacher)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.stages = DISTILL_INPUTS
+  return run_pipeline(config, workdir)

@@ -110,7 +110,12 @@ class TransformerLayer(nn.Module):
 
 
 class Embed(nn.Module):
-  """Word + position embeddings -> LayerNorm -> dropout (`Embed_0`)."""
+  """Word + position embeddings -> LayerNorm -> dropout (`Embed_0`).
+
+  Optional embedding noise (Di[M]O's one-step generator input, DESIGN.md §1.5): the word embeddings e of the
+  positions from `noise_from` on (the image tokens, mask tokens included) become `sigma * eps + sqrt(1 - sigma^2)
+  * e`, eps ~ N(0, I) from the `'embedding_noise'` RNG stream, before the position embeddings are added.
+  """
   vocab_size: int
   hidden_size: int
   max_position_embeddings: int
@@ -118,12 +123,17 @@ class Embed(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, ids: jax.Array, deterministic: bool, embedding_noise: float = 0.0,
+               noise_from: int = 0) -> jax.Array:
     init = truncated_normal(0.02)
     # The reference's mask id -1 reads the last row; normalise negative ids explicitly.
     ids = jnp.where(ids < 0, ids + self.vocab_size, ids)
     words = nn.Embed(self.vocab_size, self.hidden_size, embedding_init=init, dtype=self.dtype,
                      name='word_embeddings')(ids)
+    if embedding_noise > 0:
+      eps = jax.random.normal(self.make_rng('embedding_noise'), words.shape, words.dtype)
+      noisy = embedding_noise * eps + (1.0 - embedding_noise ** 2) ** 0.5 * words
+      words = jnp.where((jnp.arange(ids.shape[-1]) >= noise_from)[None, :, None], noisy, words)
     positions = nn.Embed(self.max_position_embeddings, self.hidden_size, embedding_init=init,
                          dtype=self.dtype, name='position_embeddings')(jnp.arange(ids.shape[-1])[None])
     x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name='embeddings_ln')(words + positions)
@@ -165,9 +175,11 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32  # Compute dtype (bf16 on accelerators); parameters stay float32.
 
   @nn.compact
-  def __call__(self, ids: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, ids: jax.Array, deterministic: bool = True, embedding_noise: float = 0.0,
+               noise_from: int = 0) -> jax.Array:
+    """`embedding_noise` sigma > 0 perturbs the word embeddings of positions >= `noise_from` (see `Embed`)."""
     x = Embed(self.vocab_size, self.hidden_size, self.max_position_embeddings, self.dropout, self.dtype)(
-        ids.astype(jnp.int32), deterministic)
+        ids.astype(jnp.int32), deterministic, embedding_noise, noise_from)
     for _ in range(self.num_layers):
       x = TransformerLayer(self.hidden_size, self.num_heads, self.mlp_dim, self.dropout, self.dtype)(
           x, deterministic)
@@ -195,11 +207,19 @@ class MaskGITModel:
     return self.transformer.init(rng, ids, deterministic=True)
 
   def logits(self, params, tokens: jax.Array, cond, *, deterministic: bool = True,
-             dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Logits `[B, N, K]` over codebook entries for each image position."""
+             dropout_rng: jax.Array | None = None, embedding_noise: float = 0.0,
+             noise_rng: jax.Array | None = None) -> jax.Array:
+    """Logits `[B, N, K]` over codebook entries for each image position.
+
+    `embedding_noise` sigma > 0 (with `noise_rng`) perturbs the image tokens' word embeddings as
+    `sigma * eps + sqrt(1 - sigma^2) * e` (Di[M]O's generator input); the condition's embeddings are untouched.
+    """
     ids = self.conditioner.sequence(cond, tokens)
-    rngs = None if dropout_rng is None else {'dropout': dropout_rng}
-    out = self.transformer.apply({'params': params}, ids, deterministic=deterministic, rngs=rngs)
+    rngs = {} if dropout_rng is None else {'dropout': dropout_rng}
+    if embedding_noise > 0:
+      rngs['embedding_noise'] = noise_rng
+    out = self.transformer.apply({'params': params}, ids, deterministic=deterministic, rngs=rngs or None,
+                                 embedding_noise=embedding_noise, noise_from=ids.shape[1] - tokens.shape[1])
     # float32 logits whatever the compute dtype: softmaxes, sampling and the STE mixture stay exact.
     return out[:, ids.shape[1] - tokens.shape[1]:, :self.codebook_size].astype(jnp.float32)
 

@@ -177,7 +177,7 @@ def accelerator_suite(config, batch_sizes: list[int], teacher_steps: list[int], 
   grid = build.token_grid(config)
   labels = jax.device_put(jnp.arange(sample_batch, dtype=jnp.int32) % config.data.num_classes, device)
   samplers = [(f'teacher_{t}step', sampling.teacher_image_sampler(models.teacher, models.tokenizer, grid, t,
-                                                                   config.sampling)) for t in teacher_steps]
+                                                                   config)) for t in teacher_steps]
   samplers.append(('student_1step', sampling.student_image_sampler(models.teacher, models.tokenizer, grid, cfg)))
   for name, sample in samplers:
     rows.append({**sampler_row(name, sample, frozen['teacher'], frozen['tokenizer'], labels, steps, device),

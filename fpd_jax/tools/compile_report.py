@@ -1,4 +1,4 @@
-r"""Compiles the configured FPD train step for the configured mesh without running it and reports its cost.
+r"""Compiles the configured distill step (FPD or Di[M]O: `distill.method`) without running it; reports its cost.
 
   python -m fpd_jax.tools.compile_report --config=configs/imagenet.py:gpu
   python -m fpd_jax.tools.compile_report --config=configs/imagenet.py:gpu --config.mesh.fsdp=8 --batch_sizes=32,64
@@ -29,8 +29,10 @@ from fpd_jax.train import distill
 GIB = 2 ** 30
 
 
-def compile_step(config, batch_size: int, partitioner: sharding.Partitioner) -> dict:
-  """Lowers and compiles the FPD step for `batch_size` on the partitioner's mesh; returns its figures."""
+def compile_step(config, batch_size: int, partitioner: sharding.Partitioner, frozen=None) -> dict:
+  """Lowers and compiles the configured distill step (FPD or Di[M]O) for `batch_size` on the partitioner's mesh;
+  returns its figures. `frozen`: the frozen parameters (or their shapes); default: shapes of those the config
+  names, loaded nowhere (imported or random weights)."""
   config = config.copy_and_resolve_references()
   cfg = config.distill
   if batch_size % cfg.samples_per_group:
@@ -41,7 +43,9 @@ def compile_step(config, batch_size: int, partitioner: sharding.Partitioner) -> 
                     'is split over.')
   cfg.groups_per_batch = batch_size // cfg.samples_per_group
   train = distill.trainer(config)
-  frozen = jax.eval_shape(lambda: distill.load_frozen_params(config, workdir=''))
+  if frozen is None:
+    frozen = jax.eval_shape(lambda: distill.load_frozen_params(config, workdir=''))
+  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
   state = jax.eval_shape(train.init_state, frozen['teacher'])
   state, frozen = partitioner.abstract(state), partitioner.abstract(frozen)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=partitioner.batch_sharding),

@@ -25,8 +25,7 @@ def masked_token_loss(model, params, tokens, cond, rng, *, label_smoothing: floa
                       schedule: str, deterministic: bool = False):
   """Label-smoothed cross-entropy of the masked positions, and accuracy on them."""
   mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
-  mask = mask_schedule.random_mask(mask_rng, *tokens.shape, method=schedule)
-  inputs = jnp.where(mask, model.mask_id, tokens)
+  inputs, mask = mask_schedule.mask_tokens(mask_rng, tokens, model.mask_id, schedule)
   cond = model.conditioner.drop(cond, drop_rng, p_uncond)
   logits = model.logits(params, inputs, cond, deterministic=deterministic, dropout_rng=dropout_rng)
   targets = optax.smooth_labels(jax.nn.one_hot(tokens, model.codebook_size), label_smoothing)

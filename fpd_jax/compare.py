@@ -1,0 +1,355 @@
+r"""FPD vs Di[M]O across distillation seeds, at equal student steps and at equal wall-clock.
+
+  python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5
+  python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5 --tune
+
+Uses the teacher, tokenizer, eval_net and feature_net of the workdir (missing stages are run first). For each
+method (`config.distill.method` = 'fpd' or 'dimo') and each distillation seed s (`config.distill.seed`: only the
+distill stage's randomness changes, the teacher is the same) it trains a student into
+`DIR/compare/<method>_<budget>_seed<s>/`:
+
+- budget `steps`: `config.distill.num_steps` student steps for both methods;
+- budget `time`: the slower method's wall-clock of those steps (seconds/step measured on the `steps` runs, mean
+  over seeds) given to the faster method as more steps; the slower method's `time` run is its `steps` run (a link).
+
+Finished runs are skipped (rerunning resumes). Every student is measured by the project's evaluator (FD, accuracy,
+precision, recall of `config.evaluate.num_samples` samples); EMA snapshots taken every
+`num_steps / compare.snapshots` steps are measured with `compare.curve_samples` samples for the FD-vs-time plot.
+Costs per method come from the compiled step (XLA memory and cost analysis), the trained parameter count and the
+measured images/s. Writes `DIR/compare.json`, `DIR/compare.md` and `DIR/compare.png`.
+
+`--tune`: each method first tries the settings of `config.compare.tune_fpd` / `tune_dimo` (<= 4 each, overrides
+of `config.distill`) on seeds `config.compare.tune_seeds` at the `steps` budget, keeps the one of lowest mean FD,
+and the table reports `--seeds` with it (runs `<method>_tune<i>_seed<s>`, then `<method>_<budget>_set<i>_seed<s>`).
+"""
+
+import ast
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+from tqdm import tqdm
+
+from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import cli
+from fpd_jax import sampling
+from fpd_jax import sharding
+from fpd_jax import stages
+from fpd_jax.errors import UserError
+from fpd_jax.eval import evaluate
+from fpd_jax.eval import plot
+from fpd_jax.models import build
+from fpd_jax.tools import compile_report
+from fpd_jax.train import distill
+from fpd_jax.train import teacher as teacher_stage
+from fpd_jax.train import tokenizer as tokenizer_stage
+
+METHODS = ('fpd', 'dimo')
+BUDGETS = ('steps', 'time')
+METRICS = ('fd', 'accuracy', 'precision', 'recall')
+MAX_SETTINGS = 4
+
+
+def parse_setting(text: str) -> dict:
+  """'learning_rate=1e-4,dimo.mask_fraction=0.5' -> {'learning_rate': 1e-4, 'dimo.mask_fraction': 0.5}."""
+  out = {}
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise UserError(f'config.compare: setting {text!r}: {item!r} is not KEY=VALUE.')
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def method_config(config, method: str, overrides: dict, seed: int, num_steps: int | None = None):
+  """The config of one run: `method`, the setting's `config.distill` overrides, the distill seed, the steps."""
+  try:
+    cfg = distill.with_overrides(config, {'method': method, 'seed': seed, **overrides})
+  except (KeyError, AttributeError) as e:
+    raise UserError(f'config.compare: unknown config.distill key in {overrides} ({e}); the config lists every '
+                    'field.') from e
+  with cfg.unlocked():
+    if num_steps is not None:
+      cfg.distill.num_steps = num_steps
+    cfg.train.checkpoint_every = max(1, config.distill.num_steps // config.compare.snapshots)
+  distill.validate(cfg)
+  return cfg
+
+
+class Comparison:
+  """Trains, measures and tabulates the runs of one workdir."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.root = os.path.join(workdir, 'compare')
+    os.makedirs(self.root, exist_ok=True)
+    self.evaluator = evaluate.Evaluator(config, workdir)
+    self.tokenizer, self.tokenizer_params = tokenizer_stage.load(config, workdir)
+    self.teacher, self.teacher_params = teacher_stage.load(config, workdir)
+    self.grid = build.token_grid(config)
+    self.rng = jax.random.key(config.seed + 100)
+    self.partitioner = sharding.Partitioner.from_config(config)
+    self._samplers = {}
+
+  # ---- Training.
+  def train(self, name: str, cfg) -> dict:
+    """Trains run `name` (skipped when done), keeping EMA snapshots; returns its `done.json`."""
+    run_dir = os.path.join(self.root, name)
+    done_path = os.path.join(run_dir, 'done.json')
+    if os.path.exists(done_path):
+      with open(done_path) as f:
+        return json.load(f)
+    print(f'[compare] training {name} ({cfg.distill.num_steps} steps)')
+
+    def snapshot(step, state):
+      ckpt_lib.export(os.path.join(run_dir, 'snapshots', str(step)), state['ema_params'])
+
+    start = time.perf_counter()
+    distill.run(cfg, self.workdir, stage_dir=run_dir, on_checkpoint=snapshot)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    windows = [(r['step'], (r['step'] - prev) / r['steps_per_sec'])
+               for prev, r in zip([0] + [r['step'] for r in rows[:-1]], rows)]
+    steady = [sec / (step - prev) for (step, sec), prev in zip(windows[1:], [w[0] for w in windows[:-1]])]
+    summary = {'method': cfg.distill.method, 'steps': cfg.distill.num_steps, 'seed': cfg.distill.seed,
+               'wall_seconds': time.perf_counter() - start,
+               'train_seconds': [[step, sec] for step, sec in zip([w[0] for w in windows],
+                                                                   np.cumsum([w[1] for w in windows]).tolist())],
+               # Median over logging windows after the first (which holds compilation).
+               'seconds_per_step': float(np.median(steady or [windows[-1][1] / cfg.distill.num_steps]))}
+    with open(done_path, 'w') as f:
+      json.dump(summary, f, indent=1)
+    return summary
+
+  # ---- Measurement.
+  def sampler(self, cfg):
+    """A jitted one-step sampler per generator setting (compiled once, reused for every snapshot)."""
+    settings = sampling.OneStepSettings.from_distill_config(cfg.distill)
+    if settings not in self._samplers:
+      self._samplers[settings] = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid,
+                                                                cfg.distill)
+    return self._samplers[settings]
+
+  def measure_params(self, cfg, params, num_samples: int | None = None) -> dict:
+    sample = self.sampler(cfg)
+    generate = lambda labels, rng: sample(params, self.tokenizer_params, labels, rng)
+    if num_samples is None:
+      return self.evaluator.measure(generate, self.rng, self.partitioner)[0]
+    small = self.config.copy_and_resolve_references()
+    small.evaluate.num_samples = num_samples
+    return evaluate.measure(small, self.evaluator.image_metrics, generate, self.rng, self.partitioner)[0]
+
+  def evaluate(self, name: str, cfg, summary: dict) -> dict:
+    """FD, accuracy, precision, recall of the run's export, and its FD curve over snapshots (cached)."""
+    run_dir = os.path.join(self.root, name)
+    path = os.path.join(run_dir, 'eval.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    load = lambda d: ckpt_lib.load_export(d, self.teacher_params, f'snapshot {d}')
+    _, _, params, _, _ = distill.load_student(os.path.join(run_dir, 'export'))
+    row = self.measure_params(cfg, params)
+    seconds = dict((int(s), t) for s, t in summary['train_seconds'])
+    snaps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, 'snapshots')) if s.isdigit())
+    curve = []
+    for step in tqdm(snaps, desc=f'snapshots {name}', disable=len(snaps) < 2):
+      fd = self.measure_params(cfg, load(os.path.join(run_dir, 'snapshots', str(step))),
+                               self.config.compare.curve_samples)['fd']
+      curve.append({'step': step, 'train_seconds': _seconds_at(seconds, step), 'fd': fd})
+    out = {**{k: row[k] for k in METRICS}, 'steps': summary['steps'], 'seed': summary['seed'],
+           'train_seconds': _seconds_at(seconds, summary['steps']), 'seconds_per_step': summary['seconds_per_step'],
+           'curve': curve}
+    with open(path, 'w') as f:
+      json.dump(out, f, indent=1)
+    return out
+
+  def cost(self, cfg) -> dict:
+    """Peak memory and FLOPs of the compiled step (XLA analyses) and the trained parameter count."""
+    partitioner = sharding.Partitioner.from_config(cfg)
+    row = compile_report.compile_step(cfg, distill.batch_size(cfg.distill), partitioner,
+                                      distill.load_frozen_params(cfg, self.workdir))
+    return {'peak_memory_mib': row.get('total_gib', float('nan')) * 1024,
+            'flops_per_step': row['flops_per_step'],
+            'trained_params': distill.trained_parameter_count(cfg, self.teacher_params)}
+
+  def teacher_1step(self) -> dict:
+    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
+    row = self.evaluator.measure(lambda labels, rng: sample(self.teacher_params, self.tokenizer_params, labels,
+                                                            rng), self.rng, self.partitioner)[0]
+    return {k: row[k] for k in METRICS}
+
+
+def _seconds_at(seconds: dict, step: int) -> float:
+  """Training seconds at `step` (linear between logged steps)."""
+  known = sorted(seconds)
+  return float(np.interp(step, [0] + known, [0.0] + [seconds[s] for s in known]))
+
+
+def _stats(values) -> dict:
+  values = [float(v) for v in values]
+  return {'mean': float(np.mean(values)), 'std': float(np.std(values)), 'values': values}
+
+
+def tune(comp: Comparison, config) -> tuple[dict, dict]:
+  """Tries each method's settings on the tuning seeds; returns ({method: (index, overrides)}, what was tried)."""
+  chosen, tried = {}, {}
+  for method in METHODS:
+    settings = [parse_setting(s) for s in config.compare[f'tune_{method}']]
+    if not 1 <= len(settings) <= MAX_SETTINGS:
+      raise UserError(f'config.compare.tune_{method} must list 1 to {MAX_SETTINGS} settings (got {len(settings)}).')
+    rows = []
+    for i, overrides in enumerate(settings):
+      fds = []
+      for seed in config.compare.tune_seeds:
+        cfg = method_config(config, method, overrides, seed)
+        name = f'{method}_tune{i}_seed{seed}'
+        fds.append(comp.evaluate(name, cfg, comp.train(name, cfg))['fd'])
+      rows.append({'setting': i, 'overrides': overrides, 'fd': _stats(fds)})
+      print(f'[compare] {method} setting {i} {overrides}: mean FD {np.mean(fds):.3f}')
+    best = min(rows, key=lambda r: r['fd']['mean'])
+    chosen[method], tried[method] = (best['setting'], best['overrides']), rows
+  return chosen, tried
+
+
+def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
+  """The whole comparison; returns what `compare.json` holds."""
+  if not seeds:
+    raise UserError('--seeds is empty; pass distillation seeds, e.g. --seeds=3,4,5.')
+  if config.compare.snapshots < 1 or config.compare.curve_samples < 2:
+    raise UserError('config.compare.snapshots must be >= 1 and config.compare.curve_samples >= 2.')
+  stages.run_distill_inputs(config, workdir)
+  comp = Comparison(config, workdir)
+  chosen, tried = ({m: (None, {}) for m in METHODS}, None)
+  if do_tune:
+    chosen, tried = tune(comp, config)
+
+  def name(method, budget, seed):
+    index = chosen[method][0]
+    return f'{method}_{budget}' + ('' if index is None else f'_set{index}') + f'_seed{seed}'
+
+  # Budget 1: equal student steps.
+  runs = {}
+  for seed in seeds:
+    for method in METHODS:
+      cfg = method_config(config, method, chosen[method][1], seed)
+      runs[(method, 'steps', seed)] = (cfg, comp.train(name(method, 'steps', seed), cfg))
+  # Budget 2: equal wall-clock (the slower method's time for num_steps, given to the faster one).
+  per_step = {m: float(np.mean([runs[(m, 'steps', s)][1]['seconds_per_step'] for s in seeds])) for m in METHODS}
+  budget_path = os.path.join(comp.root, 'time_budget.json')
+  if os.path.exists(budget_path):  # Fixed once measured, so that a resumed comparison trains the same runs.
+    with open(budget_path) as f:
+      time_budget = json.load(f)
+  else:
+    slow = max(METHODS, key=lambda m: per_step[m])
+    seconds = config.distill.num_steps * per_step[slow]
+    time_budget = {'slower': slow, 'seconds': seconds,
+                   'steps': {m: config.distill.num_steps if m == slow else max(1, round(seconds / per_step[m]))
+                             for m in METHODS}}
+    with open(budget_path, 'w') as f:
+      json.dump(time_budget, f, indent=1)
+  for seed in seeds:
+    for method in METHODS:
+      if method == time_budget['slower']:
+        link = os.path.join(comp.root, name(method, 'time', seed))
+        if not os.path.lexists(link):
+          os.symlink(name(method, 'steps', seed), link)
+        runs[(method, 'time', seed)] = runs[(method, 'steps', seed)]
+        continue
+      cfg = method_config(config, method, chosen[method][1], seed, time_budget['steps'][method])
+      runs[(method, 'time', seed)] = (cfg, comp.train(name(method, 'time', seed), cfg))
+  # Measurements.
+  evals = {key: comp.evaluate(name(*key), cfg, summary) for key, (cfg, summary) in runs.items()}
+  costs = {}
+  for method in METHODS:
+    cfg = runs[(method, 'steps', seeds[0])][0]
+    costs[method] = {**comp.cost(cfg), 'seconds_per_step': per_step[method],
+                     'images_per_sec': distill.batch_size(cfg.distill) / per_step[method]}
+  results = {budget: {method: {'steps': time_budget['steps'][method] if budget == 'time' else
+                               config.distill.num_steps,
+                               **{k: _stats([evals[(method, budget, s)][k] for s in seeds]) for k in METRICS},
+                               'train_seconds': _stats([evals[(method, budget, s)]['train_seconds'] for s in seeds])}
+                      for method in METHODS} for budget in BUDGETS}
+  out = {'seeds': list(seeds), 'num_steps': config.distill.num_steps,
+         'batch_size': distill.batch_size(config.distill), 'num_samples': config.evaluate.num_samples,
+         'settings': {m: {'index': chosen[m][0], 'overrides': chosen[m][1]} for m in METHODS},
+         'tuning': tried, 'time_budget': time_budget, 'cost': costs, 'results': results,
+         'teacher_1step': comp.teacher_1step(),
+         'runs': {name(*key): {'method': key[0], 'budget': key[1], **e} for key, e in evals.items()}}
+  with open(os.path.join(workdir, 'compare.json'), 'w') as f:
+    json.dump(out, f, indent=1)
+  with open(os.path.join(workdir, 'compare.md'), 'w') as f:
+    f.write(markdown(out))
+  series = {}
+  for method in METHODS:  # FD vs training time, mean over seeds of the longer (time-budget) runs.
+    curves = [evals[(method, 'time', s)]['curve'] for s in seeds]
+    n = min(len(c) for c in curves)
+    series[method] = [(float(np.mean([c[i]['train_seconds'] for c in curves])),
+                       float(np.mean([c[i]['fd'] for c in curves]))) for i in range(n)]
+  plot.line_plot(os.path.join(workdir, 'compare.png'), series, title='FD vs training time (mean over seeds)',
+                 xlabel='training seconds', ylabel=f'FD ({config.compare.curve_samples} samples)')
+  return out
+
+
+def markdown(out: dict) -> str:
+  """The comparison as Markdown: one row per method and budget, then costs and the tuning tried."""
+  pm = lambda s: f'{s["mean"]:.3f} ± {s["std"]:.3f}'
+  t1 = out['teacher_1step']
+  lines = ['# FPD vs Di[M]O', '',
+           f'Distillation seeds {out["seeds"]}, batch {out["batch_size"]}, {out["num_samples"]} samples per '
+           f'student; mean ± std over seeds. Equal wall-clock: {out["time_budget"]["seconds"]:.0f} s, the slower '
+           f'method ({out["time_budget"]["slower"]}) at {out["num_steps"]} steps. Teacher 1 step: FD '
+           f'{t1["fd"]:.3f}, accuracy {t1["accuracy"]:.3f}.', '',
+           '| method | budget | steps | FD | accuracy | precision | recall | train img/s | peak memory/step (MiB) '
+           '| GFLOPs/step | trained params |', '|' + '---|' * 11]
+  for budget in BUDGETS:
+    for method in METHODS:
+      r, c = out['results'][budget][method], out['cost'][method]
+      lines.append(f'| {method} | {budget} | {r["steps"]} | {pm(r["fd"])} | {pm(r["accuracy"])} | '
+                   f'{pm(r["precision"])} | {pm(r["recall"])} | {c["images_per_sec"]:.1f} | '
+                   f'{c["peak_memory_mib"]:.1f} | {c["flops_per_step"] / 1e9:.2f} | {c["trained_params"]:,} |')
+  lines += ['', 'Settings (overrides of config.distill): ' +
+            '; '.join(f'{m}: {s["overrides"] or "config defaults"}' for m, s in out['settings'].items())]
+  if out['tuning']:
+    lines += ['', '## Tuning (mean FD over the tuning seeds; lowest chosen)', '',
+              '| method | setting | overrides | FD |', '|---|---|---|---|']
+    for method, rows in out['tuning'].items():
+      for r in rows:
+        lines.append(f'| {method} | {r["setting"]} | {r["overrides"]} | {pm(r["fd"])} |')
+  return '\n'.join(lines) + '\n'
+
+
+def _define_flags():
+  """Command-line flags (defined only when run as a program, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Workdir with the trained teacher (see the module docstring).')
+  flags.DEFINE_list('seeds', ['3', '4', '5'], 'Distillation seeds (config.distill.seed) to report.')
+  flags.DEFINE_bool('tune', False, 'First choose each method\'s setting among config.compare.tune_<method> by mean '
+                    'FD over config.compare.tune_seeds.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = flags.FLAGS.config
+
+  def go():
+    try:
+      seeds = [int(s) for s in flags.FLAGS.seeds]
+    except ValueError as e:
+      raise UserError(f'--seeds={",".join(flags.FLAGS.seeds)}: seeds must be integers, e.g. --seeds=3,4,5.') from e
+    run(config, flags.FLAGS.workdir, seeds, flags.FLAGS.tune)
+
+  cli.run_user_command(go, config.get('verbose', False))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

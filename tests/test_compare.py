@@ -1,0 +1,78 @@
+"""`python -m fpd_jax.compare` on the tiny demo config: tuning, both budgets, tables, plot, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import demo
+from fpd_jax import compare
+from fpd_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_setting_and_bad_settings():
+  assert compare.parse_setting('learning_rate=1e-4, dimo.mask_fraction=0.5,lift=soft') == {
+      'learning_rate': 1e-4, 'dimo.mask_fraction': 0.5, 'lift': 'soft'}
+  with pytest.raises(UserError, match='not KEY=VALUE'):
+    compare.parse_setting('learning_rate')
+  config = demo.get_config('tiny')
+  with pytest.raises(UserError, match='unknown config.distill key'):
+    compare.method_config(config, 'dimo', {'dimo.no_such_knob': 1}, 0)
+  with pytest.raises(UserError, match='mask_fraction'):
+    compare.method_config(config, 'dimo', {'dimo.mask_fraction': 2.0}, 0)
+  cfg = compare.method_config(config, 'dimo', {'dimo.learning_rate': 3e-4}, 4, num_steps=9)
+  assert (cfg.distill.method, cfg.distill.seed, cfg.distill.num_steps, cfg.distill.dimo.learning_rate) == (
+      'dimo', 4, 9, 3e-4)
+  assert config.distill.method == 'fpd'  # The base config is untouched.
+
+
+def test_tiny_compare_with_tuning_writes_tables_and_plot(tmp_path):
+  args = [sys.executable, '-m', 'fpd_jax.compare', '--config=configs/demo.py:tiny', f'--workdir={tmp_path}',
+          '--seeds=1', '--tune']
+  result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'compare.json') as f:
+    out = json.load(f)
+  assert set(out) >= {'seeds', 'settings', 'tuning', 'time_budget', 'cost', 'results', 'teacher_1step', 'runs'}
+  assert set(out['results']) == {'steps', 'time'}
+  for budget in ('steps', 'time'):
+    for method in ('fpd', 'dimo'):
+      row = out['results'][budget][method]
+      for key in ('fd', 'accuracy', 'precision', 'recall'):
+        assert set(row[key]) == {'mean', 'std', 'values'} and len(row[key]['values']) == 1
+        assert np.isfinite(row[key]['mean'])
+  budget = out['time_budget']
+  faster = 'fpd' if budget['slower'] == 'dimo' else 'dimo'
+  assert budget['steps'][budget['slower']] == out['num_steps'] and budget['steps'][faster] >= out['num_steps']
+  for method in ('fpd', 'dimo'):
+    cost = out['cost'][method]
+    assert cost['peak_memory_mib'] > 0 and cost['flops_per_step'] > 0 and cost['images_per_sec'] > 0
+    assert out['tuning'][method][0]['overrides'] and out['settings'][method]['index'] == 0
+  # Di[M]O trains two copies of the student's trainable parameters; FPD one full student.
+  assert out['cost']['dimo']['trained_params'] < 2 * out['cost']['fpd']['trained_params']
+  assert os.path.isdir(tmp_path / 'compare' / 'dimo_tune0_seed0' / 'export')
+  assert os.path.isdir(tmp_path / 'compare' / 'fpd_steps_set0_seed1' / 'snapshots')
+  text = open(tmp_path / 'compare.md').read()
+  assert '| fpd | steps |' in text and '| dimo | time |' in text and '## Tuning' in text
+  image = Image.open(tmp_path / 'compare.png')
+  assert image.size[0] > 100 and len(set(image.getdata())) > 3
+  # Rerun: every run is skipped, the same budgets are kept.
+  again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert '[compare] training' not in again.stdout
+  with open(tmp_path / 'compare.json') as f:
+    assert json.load(f)['time_budget'] == budget
+
+
+def test_bad_seeds_get_one_line_error(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'fpd_jax.compare', '--config=configs/demo.py:tiny',
+                           f'--workdir={tmp_path}', '--seeds=a'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2 and result.stderr.strip().count('\n') == 0, result.stderr
+  assert 'seeds must be integers' in result.stderr
