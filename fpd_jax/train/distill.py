@@ -99,6 +99,8 @@ def with_overrides(config, overrides: dict):
       *path, leaf = key.split('.')
       for p in path:
         section = section[p]
+      if leaf not in section:  # An unlocked ConfigDict would silently add the key.
+        raise KeyError(key)
       section[leaf] = value
   return config
 
