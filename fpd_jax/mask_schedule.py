@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-METHODS = ('cosine', 'linear', 'square', 'cubic')
+METHODS = ('cosine', 'linear', 'square', 'cubic', 'arccos')
 
 
 def gamma(ratio, method: str = 'cosine'):
@@ -23,6 +23,8 @@ def gamma(ratio, method: str = 'cosine'):
     out = 1.0 - ratio ** 2
   elif method == 'cubic':
     out = 1.0 - ratio ** 3
+  elif method == 'arccos':  # MaskGen's schedule: arccos(r) / (pi / 2).
+    out = jnp.arccos(jnp.clip(ratio, 0.0, 1.0)) / (math.pi / 2.0)
   else:
     raise ValueError(f'Unknown mask schedule {method!r}; choose one of {METHODS}.')
   return jnp.clip(out, 1e-6, 1.0)

@@ -36,11 +36,21 @@ STAGES = {
 }
 
 
+def stages_of(config) -> dict:
+  """The stage functions of the config's pipeline: `config.task` 'class' (default) or 't2i' (text-to-image)."""
+  from fpd_jax.train import t2i  # pylint: disable=g-import-not-at-top
+  task = config.get('task', 'class')
+  if task not in ('class', 't2i'):
+    raise UserError(f"config.task={task!r}; choose 'class' or 't2i'.")
+  return t2i.STAGES if task == 't2i' else STAGES
+
+
 def validate(config) -> None:
   """Fails fast, with the fix named, on config values no stage can run with."""
-  unknown = [s for s in config.stages if s not in STAGES]
+  known = stages_of(config)
+  unknown = [s for s in config.stages if s not in known]
   if unknown:
-    raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(STAGES)}.')
+    raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(known)}.')
   build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
   if 'distill' in config.stages:
     distill.validate(config)
@@ -86,7 +96,7 @@ def run_pipeline(config, workdir: str) -> dict:
       continue
     print(f'[{name}] starting')
     start = time.perf_counter()
-    summary = STAGES[name](config, workdir) or {}
+    summary = stages_of(config)[name](config, workdir) or {}
     timings[name] = time.perf_counter() - start
     if jax.process_index() == 0:  # Every process ran the stage; one records it.
       os.makedirs(os.path.dirname(done_path), exist_ok=True)

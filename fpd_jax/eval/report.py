@@ -29,6 +29,7 @@ def markdown(result: dict) -> str:
            '| model | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
   for name, row in rows.items():
     lines.append(f'| {name} | ' + ' | '.join(_fmt(row.get(c)) for c in columns) + ' |')
+  lines += _geneval_lines(result)
   if 'real_data' in result:
     real = result['real_data']
     lines += ['', f'Reference: 500 real test digits score FD {_fmt(real["fd"])}, accuracy '
@@ -38,6 +39,18 @@ def markdown(result: dict) -> str:
       lines += ['', f'## {section}', '', '| key | value |', '|---|---|']
       lines += [f'| {k} | {_fmt(v)} |' for k, v in result[section].items()]
   return '\n'.join(lines) + '\n'
+
+
+def _geneval_lines(result: dict) -> list[str]:
+  """The text pipeline's GenEval-lite table (per task, overall, held-out overall), when the rows have one."""
+  rows = {name: row['geneval_lite'] for name, row in result.get('models', {}).items() if 'geneval_lite' in row}
+  if 'real_canvases' in result:
+    rows['real test-digit canvases'] = result['real_canvases']['geneval_lite']
+  if not rows:
+    return []
+  keys = list(next(iter(rows.values())))
+  lines = ['', '## GenEval-lite', '', '| model | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
+  return lines + [f'| {name} | ' + ' | '.join(_fmt(r.get(k)) for k in keys) + ' |' for name, r in rows.items()]
 
 
 def write(workdir: str, result: dict) -> None:
