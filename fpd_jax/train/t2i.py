@@ -208,20 +208,11 @@ def load_teacher(config, workdir: str):
 
 
 def _train_cell_classifier(name: str, section, config, workdir: str) -> dict:
-  net = eval_net_stage.build_net(section, t2i.NUM_CELL_CLASSES)
+  """eval_net.train_classifier on composed cells (11 classes: config.data.num_classes); tested on test-digit cells."""
   train, test = bank(config, workdir, 'train'), bank(config, workdir, 'test')
-  tx = optim.make_optimizer(section, config.train.grad_clip)
-  init_rng, _ = jax.random.split(jax.random.key(section.seed))
-  init_state = lambda: _state(eval_net_stage.init_params(net, config, init_rng), tx)
-  batch_fn = lambda s: t2i.cell_batch(train, section.seed, s, section.batch_size)
-  state = _run_loop(name, config, section, workdir, init_state, eval_net_stage.make_train_step(net, tx), batch_fn,
-                    section.seed)
-  held = t2i.cell_batch(test, section.seed + 1, 0, 1100)
-  accuracy = float(np.mean(eval_net_stage.predict(net, state['params'], held['image']) == held['label']))
-  print(f'[{name}] accuracy on test-digit cells {accuracy:.4f}')
-  ckpt_lib.export(os.path.join(workdir, name, 'export'), state['params'],
-                  {'config': config.to_dict(), 'test_accuracy': accuracy})
-  return {'steps': section.num_steps, 'test_accuracy': accuracy}
+  batch_fn = lambda s: sharding.host_rows(t2i.cell_batch(train, section.seed, s, section.batch_size))
+  return eval_net_stage.train_classifier(name, section, config, workdir, batch_fn=batch_fn,
+                                         test=t2i.cell_batch(test, section.seed + 1, 0, 1100))
 
 
 def run_eval_net(config, workdir: str) -> dict:
