@@ -22,6 +22,9 @@ def markdown(result: dict) -> str:
   if 'fid' in columns:
     intro = (f'Inception FID against {result.get("reference", {}).get("source")} (lower is better) and Inception '
              'Score (when the weights hold a classifier).')
+  elif 'real_canvases' in result:
+    intro = ('Text-to-image: GenEval-lite (exact checks per prompt, table below) and FD vs real test-digit canvases '
+             'of the same prompts in the evaluation network\'s features (lower is better).')
   else:
     intro = ('Quality in the feature space of the evaluation network (FD vs all real digits: lower is better; '
              'accuracy: the evaluation network agrees with the requested class; k-NN precision/recall).')
