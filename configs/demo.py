@@ -15,6 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the demo config; `arg='tiny'` shrinks every stage to seconds."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root seed: every stage derives its own keys from it and the step.
+  c.task = 'class'  # The pipeline: 'class' (this demo) or 't2i' (text-to-image, configs/t2i_demo.py).
   # Stages run in this order; a finished stage is skipped on rerun, an interrupted one resumes.
   c.stages = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net', 'distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).

@@ -68,3 +68,40 @@ class ClassConditioner:
 
   def group_key(self, cond: jax.Array) -> jax.Array:
     return cond.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioner:
+  """Text-conditional (MaskGen): a condition is the caption's token ids `[B, L]` int32 (`fpd_jax.data.captions`).
+
+  The captions enter the generator as a separate stream (`fpd_jax.models.maskgen`), not as prefix ids, so
+  `sequence` is the image tokens alone. The null condition is the empty caption `<bos> <eos>` (text CFG); `drop`
+  replaces whole captions by it (caption dropout); `group_key` hashes each caption's ids (equal captions, equal keys).
+
+  Attributes:
+    bos_id, eos_id: ids of `<bos>` and `<eos>` (`<pad>` is 0).
+  """
+  bos_id: int
+  eos_id: int
+  num_cond_tokens: int = 0
+  prefix_length: int = 0
+
+  def sequence(self, cond: jax.Array, tokens: jax.Array) -> jax.Array:
+    del cond
+    return tokens.astype(jnp.int32)
+
+  def null(self, cond: jax.Array) -> jax.Array:
+    row = jnp.zeros(cond.shape[1:], jnp.int32).at[0].set(self.bos_id).at[1].set(self.eos_id)
+    return jnp.broadcast_to(row, cond.shape)
+
+  def drop(self, cond: jax.Array, rng: jax.Array, p: float) -> jax.Array:
+    if p == 0:
+      return cond
+    return jnp.where(jax.random.bernoulli(rng, p, cond.shape[:1])[:, None], self.null(cond), cond)
+
+  def group_key(self, cond: jax.Array) -> jax.Array:
+    """A polynomial hash of the ids (mod 2^31 - 1); distinct demo captions do not collide (tested)."""
+    key = jnp.zeros(cond.shape[:1], jnp.int32)
+    for i in range(cond.shape[1]):
+      key = (key * 131 + cond[:, i].astype(jnp.int32) + 1) % 2147483647
+    return key

@@ -23,8 +23,8 @@ def gamma(ratio, method: str = 'cosine'):
     out = 1.0 - ratio ** 2
   elif method == 'cubic':
     out = 1.0 - ratio ** 3
-  elif method == 'arccos':  # Di[M]O's re-masking schedule (the cosine's inverse).
-    out = jnp.arccos(ratio) / (math.pi / 2.0)
+  elif method == 'arccos':  # MaskGen's decoding and Di[M]O's re-masking schedule: arccos(r) / (pi / 2).
+    out = jnp.arccos(jnp.clip(ratio, 0.0, 1.0)) / (math.pi / 2.0)
   else:
     raise ValueError(f'Unknown mask schedule {method!r}; choose one of {METHODS}.')
   return jnp.clip(out, 1e-6, 1.0)

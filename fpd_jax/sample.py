@@ -2,8 +2,13 @@ r"""Samples a trained model of a workdir to an `.npz` (for other evaluation tool
 
   python -m fpd_jax.sample --workdir=runs/demo --model=teacher --steps=8 --num=1000 --out=samples.npz
   python -m fpd_jax.sample --workdir=runs/demo --model=teacher --steps=8 --num=100 --out=grid.png
+  python -m fpd_jax.sample --workdir=runs/t2i --model=student --prompt="a red three to the left of a blue seven" \
+      --num=16 --out=x.png
+  python -m fpd_jax.sample --workdir=runs/t2i --model=teacher --steps=16 --prompts_file=prompts.txt --out=x.npz
 
-The `.npz` holds `images` (uint8 N x H x W x C) and `labels` (int32 N, class-balanced: i % num_classes).
+The `.npz` holds `images` (uint8 N x H x W x C) and `labels` (int32 N, class-balanced: i % num_classes); for a
+text-to-image workdir (`configs/t2i_demo.py`) it holds `images` and `captions` (`--num` images per prompt, one
+prompt after another) and the `.png` has one captioned row per prompt.
 The models' config is read from the workdir's exports; no config flag is needed.
 
 Each batch is split over all devices (with `--distributed`, of all processes: start one per host like
@@ -42,6 +47,8 @@ _NUM = flags.DEFINE_integer('num', 100, 'Number of images (class-balanced).')
 _OUT = flags.DEFINE_string('out', None, 'Output file: NAME.npz (arrays) or NAME.png (grid, one row per class).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 250, 'Images per sampling call.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'Text-to-image workdirs: the prompt (or use --prompts_file).')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Text-to-image workdirs: a file with one prompt a line.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Multi-process run (one process per host, started like '
                                  'fpd_jax.main by the launch/ scripts): the batches are split over the devices of '
@@ -100,12 +107,33 @@ def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) ->
     raise UserError(f'--out={out}: use a name ending in .npz or .png.')
 
 
+def _is_t2i(workdir: str, model: str) -> bool:
+  """Whether the workdir's model was trained by the text-to-image pipeline (`config.task == 't2i'`)."""
+  return workdir_config(workdir, model).get('task') == 't2i'
+
+
 def main(argv):
   del argv
 
   def run():
     if _DISTRIBUTED.value:
       cli.initialize_distributed()
+    if _is_t2i(_WORKDIR.value, _MODEL.value):
+      from fpd_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+      from fpd_jax.train import t2i as t2i_stage  # pylint: disable=g-import-not-at-top
+      if bool(_PROMPT.value) == bool(_PROMPTS_FILE.value):
+        raise UserError('a text-to-image workdir needs exactly one of --prompt="..." or --prompts_file=FILE.')
+      prompts = [_PROMPT.value] if _PROMPT.value else captions_lib.read_prompts_file(_PROMPTS_FILE.value)
+      images, captions = t2i_stage.sample_prompts(_WORKDIR.value, _MODEL.value, _STEPS.value, prompts, _NUM.value,
+                                                  _SEED.value, _BATCH.value)
+      if _OUT.value.endswith('.png'):
+        grid_lib.save_png(_OUT.value, t2i_stage.captioned_grid(images, captions, _NUM.value))
+      elif _OUT.value.endswith('.npz'):
+        np.savez(_OUT.value, images=images, captions=np.array(captions))
+      else:
+        raise UserError(f'--out={_OUT.value}: use a name ending in .npz or .png.')
+      print(f'wrote {len(images)} images to {_OUT.value}')
+      return
     images, labels, num_classes = generate(_WORKDIR.value, _MODEL.value, _STEPS.value, _NUM.value, _SEED.value,
                                            _BATCH.value)
     write(_OUT.value, images, labels, num_classes)

@@ -32,7 +32,8 @@ def num_masked_after_step(step, num_steps: int, num_unknown, method: str = 'cosi
 def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_tokens: int, num_steps: int,
                      temperature: float = 1.0, choice_temperature: float = 4.5, cfg_scale: float = 0.0,
                      schedule: str = 'cosine', init_tokens: jax.Array | None = None,
-                     return_trace: bool = False):
+                     return_trace: bool = False, cfg_schedule: str = 'constant',
+                     temperature_end: float | None = None):
   """MaskGIT decoding of `num_tokens` tokens per example in `num_steps` steps.
 
   Args:
@@ -48,6 +49,10 @@ def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_t
     schedule: the gamma of `mask_schedule`.
     init_tokens: optional start grid (mask ids where unknown; known tokens are never changed).
     return_trace: also return the grid after each step's re-masking, `[B, T, N]`.
+    cfg_schedule: 'constant' (w at every step) or 'cosine' (MaskGen's ramp: w * (1 - cos(pi * (t+1)/T)) / 2, full w
+      at the last step; needs a model whose `guided_logits` takes a traced scale, e.g. MaskGenModel).
+    temperature_end: None (constant tau) or the tau of the last step, annealed linearly from `temperature` (MaskGen:
+      1.3 -> 0.5).
 
   Returns:
     tokens `[B, N]` (and the trace when asked).
@@ -60,9 +65,12 @@ def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_t
   def body(step, carry):
     tokens, rng, trace = carry
     rng, sample_rng, choice_rng = jax.random.split(rng, 3)
-    logits = model.guided_logits(params, tokens, cond, cfg_scale)
+    logits = model.guided_logits(params, tokens, cond, guidance_at(step, num_steps, cfg_scale, cfg_schedule))
     unknown = tokens == model.mask_id
-    sampled = jax.random.categorical(sample_rng, logits / temperature)
+    tau = temperature
+    if temperature_end is not None:
+      tau = temperature_end + (temperature - temperature_end) * (1.0 - (step + 1.0) / num_steps)
+    sampled = jax.random.categorical(sample_rng, logits / tau)
     sampled = jnp.where(unknown, sampled, tokens)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     selected = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
@@ -82,6 +90,15 @@ def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_t
   trace = jnp.zeros((batch, num_steps if return_trace else 0, num_tokens), jnp.int32)
   tokens, _, trace = jax.lax.fori_loop(0, num_steps, body, (init_tokens.astype(jnp.int32), rng, trace))
   return (tokens, trace) if return_trace else tokens
+
+
+def guidance_at(step, num_steps: int, cfg_scale: float, cfg_schedule: str = 'constant'):
+  """The CFG scale of decoding step `step`: constant, or MaskGen's cosine ramp up to `cfg_scale`."""
+  if cfg_schedule == 'constant' or cfg_scale == 0:
+    return cfg_scale
+  if cfg_schedule == 'cosine':
+    return cfg_scale * (1.0 - jnp.cos(jnp.pi * (step + 1.0) / num_steps)) / 2.0
+  raise ValueError(f"Unknown cfg_schedule {cfg_schedule!r}; use 'constant' or 'cosine'.")
 
 
 def lowest_k(scores: jax.Array, k: jax.Array) -> jax.Array:
@@ -118,9 +135,13 @@ def validate(config) -> None:
 
 def decode_settings(config) -> dict:
   """The keyword settings of `iterative_decode` a config asks for: `config.sampling` (temperature,
-  choice_temperature, cfg_scale) and the mask schedule `config.teacher.mask_schedule`."""
-  return {'temperature': config.sampling.temperature, 'choice_temperature': config.sampling.choice_temperature,
-          'cfg_scale': config.sampling.cfg_scale, 'schedule': config.teacher.get('mask_schedule', 'cosine')}
+  choice_temperature, cfg_scale, and MaskGen's optional cfg_schedule and temperature_end) and the mask schedule:
+  `config.sampling.mask_schedule` where a config sets one (MaskGen decodes with arccos), else
+  `config.teacher.mask_schedule`, the schedule the teacher was trained with."""
+  s = config.sampling
+  return {'temperature': s.temperature, 'choice_temperature': s.choice_temperature, 'cfg_scale': s.cfg_scale,
+          'schedule': s.get('mask_schedule', config.teacher.get('mask_schedule', 'cosine')),
+          'cfg_schedule': s.get('cfg_schedule', 'constant'), 'temperature_end': s.get('temperature_end', None)}
 
 
 def teacher_image_sampler(model: MaskGITModel, tokenizer, grid: int, num_steps: int, config):

@@ -61,9 +61,9 @@ DEPENDS_ON = {
 }
 
 
-def dependencies(name: str, stages: tuple[str, ...]) -> tuple[str, ...]:
-  """The stages of `stages` that stage `name` must wait for."""
-  if name in DEPENDS_ON:
+def dependencies(name: str, stages: tuple[str, ...], task: str = 'class') -> tuple[str, ...]:
+  """The stages of `stages` that stage `name` must wait for (the text-to-image pipeline runs them in order)."""
+  if task == 'class' and name in DEPENDS_ON:
     return tuple(s for s in DEPENDS_ON[name] if s in stages)
   return tuple(stages[:stages.index(name)])
 
@@ -72,11 +72,21 @@ def dependencies(name: str, stages: tuple[str, ...]) -> tuple[str, ...]:
 DISTILL_INPUTS = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net')
 
 
+def stages_of(config) -> dict:
+  """The stage functions of the config's pipeline: `config.task` 'class' (default) or 't2i' (text-to-image)."""
+  from fpd_jax.train import t2i  # pylint: disable=g-import-not-at-top
+  task = config.get('task', 'class')
+  if task not in ('class', 't2i'):
+    raise UserError(f"config.task={task!r}; choose 'class' or 't2i'.")
+  return t2i.STAGES if task == 't2i' else STAGES
+
+
 def validate(config) -> None:
   """Fails fast, with the fix named, on config values no stage can run with."""
-  unknown = [s for s in config.stages if s not in STAGES]
+  known = stages_of(config)
+  unknown = [s for s in config.stages if s not in known]
   if unknown:
-    raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(STAGES)}.')
+    raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(known)}.')
   build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
   sampling.validate(config)
   if 'distill' in config.stages:
@@ -138,7 +148,7 @@ def run_pipeline(config, workdir: str) -> dict:
   def run_stage(name):
     print(f'[{name}] starting')
     start, started_at = time.perf_counter(), time.time()
-    summary = STAGES[name](config, workdir) or {}
+    summary = stages_of(config)[name](config, workdir) or {}
     seconds = time.perf_counter() - start
     if jax.process_index() == 0:  # Every process ran the stage; one records it.
       done_path = os.path.join(workdir, name, 'done.json')
@@ -167,7 +177,7 @@ def run_pipeline(config, workdir: str) -> dict:
     try:
       while pending or running:
         for name in list(pending):
-          if len(running) < max_running and set(dependencies(name, tuple(config.stages))) <= finished:
+          if len(running) < max_running and set(dependencies(name, tuple(config.stages), config.get('task', 'class'))) <= finished:
             pending.remove(name)
             running[pool.submit(run_stage, name)] = name
         if not running:

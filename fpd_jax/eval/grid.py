@@ -64,6 +64,23 @@ def class_grid(images, labels, num_classes: int, per_class: int) -> np.ndarray:
   return image_grid(np.asarray(images)[order], rows=rows, cols=per_class)
 
 
+def captioned_rows(images, captions: list[str], per_row: int, caption_width: int = 200) -> np.ndarray:
+  """`image_grid` rows of `per_row` images with each row's caption written to its left (text-to-image grids)."""
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  images = to_uint8(images)
+  rows = len(captions)
+  grid = image_grid(images, rows=rows, cols=per_row)
+  if grid.shape[-1] == 1:
+    grid = np.repeat(grid, 3, axis=-1)
+  canvas = Image.new('RGB', (caption_width + grid.shape[1], grid.shape[0]), (255, 255, 255))
+  canvas.paste(Image.fromarray(grid), (caption_width, 0))
+  draw = ImageDraw.Draw(canvas)
+  h = images.shape[1]
+  for r, caption in enumerate(captions):
+    draw.text((4, 2 + r * (h + 2) + h // 2 - 5), caption, fill=(0, 0, 0))
+  return np.asarray(canvas)
+
+
 def save_png(path: str | os.PathLike, grid) -> None:
   """Saves an image (e.g. from `image_grid`) as PNG, creating the parent directory (process 0 only).
 

