@@ -19,8 +19,7 @@ y⁺ = target features `[C⁺, S]` and y⁻ = the student features themselves (s
    ΣA⁺·ΣA⁻, so the last term is zero up to rounding; it is kept as the spec writes it, making V explicitly a weighted sum of
    differences y − x.)
 5. V = Σ_τ V_τ / RMS(V_τ), the RMS taken over the group's whole `[C, S]` array (bandwidths computed with
-   `jax.vmap`, groups with `jax.vmap` too). Every bandwidth gets unit RMS however small its raw drift; only an
-   exactly-zero drift (e.g. a collapsed group) stays zero.
+   `jax.vmap`, groups with `jax.vmap` too).
 6. Loss = mean over all `C·S` elements of (x̃ − stop_gradient(x̃ + V))², i.e. mean(V²) in value; its gradient
    w.r.t. x̃ is −2V/(C·S). (Per-element mean, not per-sample squared norm: the value does not grow with the
    feature size, and since each V_τ has unit mean square the loss lies in [0, len(temperatures)²].)
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 
 DEFAULT_TEMPERATURES = (0.02, 0.05, 0.2)  # Kernel bandwidths τ, in units of the mean pairwise distance s.
 _SCALE_EPS = 1e-6  # Guards the division by the scale s (all features identical).
+_RMS_EPS = 1e-12  # Guards the division by RMS(V_τ) (mean-square floor; a zero drift stays zero).
 _HIGHEST = jax.lax.Precision.HIGHEST  # f32 matmuls at full precision on TPU/GPU (distances need it).
 
 
@@ -163,16 +163,8 @@ def drift_field(x: jax.Array, y_pos: jax.Array, y_neg: jax.Array, temperature: f
 
 
 def rms_normalize(v: jax.Array) -> jax.Array:
-  """v / RMS(v), the RMS over the whole array: unit RMS however small v is; an all-zero v stays zero.
-
-  No floor on the RMS (a floor would silently shrink the weight of a bandwidth whose drift is small): v is first
-  divided by its largest magnitude, so the mean square neither underflows nor overflows, and only the exact 0/0 of
-  an all-zero v is guarded.
-  """
-  peak = jnp.max(jnp.abs(v))
-  u = v / jnp.where(peak > 0, peak, 1.0)
-  mean_sq = jnp.mean(jnp.square(u))  # >= 1/size unless v is all zero.
-  return u / jnp.sqrt(jnp.where(mean_sq > 0, mean_sq, 1.0))
+  """v / RMS(v), the RMS over the whole array (with a small floor, so a zero drift stays zero)."""
+  return v / jnp.sqrt(jnp.mean(jnp.square(v)) + _RMS_EPS)
 
 
 @functools.partial(jax.jit, static_argnames=('exclude_self',))
