@@ -66,7 +66,7 @@ def test_student_gradient_wrt_logits_is_the_score_gap_on_remasked_positions(setu
   grads = jax.grad(lambda p: dimo.student_loss(p, aux, frozen['teacher'], model, labels, rng, n, cfg)[0])(student)
   _, vjp = jax.vjp(logits_of, student)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(vjp(jnp.asarray(expected, jnp.float32))[0])):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)  # float32 sums in another order.
 
 
 def test_teacher_and_aux_get_no_gradient_from_the_student_loss(setup):
