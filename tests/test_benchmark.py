@@ -19,6 +19,7 @@ def _benchmark(*args: str) -> subprocess.CompletedProcess:
                         cwd=ROOT, timeout=1200, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # About 3 minutes on 2 cores (compiles the ImageNet smoke step); run with -m slow.
 def test_accelerator_suite_at_smoke_sizes_prints_the_table_and_writes_the_rows(tmp_path):
   out = tmp_path / 'bench.json'
   run = _benchmark('--suite=accelerator', '--config=configs/imagenet.py:smoke', '--batch_sizes=8',

@@ -32,6 +32,7 @@ def test_parse_setting_and_bad_settings():
   assert config.distill.method == 'fpd'  # The base config is untouched.
 
 
+@pytest.mark.slow  # About 5 minutes on 2 cores; run with -m slow.
 def test_tiny_compare_with_tuning_writes_tables_and_plot(tmp_path):
   args = [sys.executable, '-m', 'fpd_jax.compare', '--config=configs/demo.py:tiny', f'--workdir={tmp_path}',
           '--seeds=1', '--tune']
