@@ -84,10 +84,14 @@ def sampler(workdir: str, model: str, steps: int, partitioner: sharding.Partitio
   return config, lambda labels, rng: sample(params, tokenizer_params, labels, rng)
 
 
-def generate(workdir: str, model: str, steps: int, num: int, seed: int, batch_size: int):
-  """(uint8 images [num, H, W, C], labels [num], num_classes) sampled from a workdir's model."""
+def check_counts(num: int, steps: int, batch_size: int) -> None:
   if num <= 0 or steps <= 0 or batch_size <= 0:
     raise UserError(f'--num, --steps and --batch_size must be > 0 (got {num}, {steps}, {batch_size}).')
+
+
+def generate(workdir: str, model: str, steps: int, num: int, seed: int, batch_size: int):
+  """(uint8 images [num, H, W, C], labels [num], num_classes) sampled from a workdir's model."""
+  check_counts(num, steps, batch_size)
   partitioner = sharding.Partitioner.from_config({})  # The batch over every device of every process.
   config, sample = sampler(workdir, model, steps, partitioner)
   labels = (np.arange(num) % config.data.num_classes).astype(np.int32)
@@ -116,6 +120,7 @@ def main(argv):
   del argv
 
   def run():
+    check_counts(_NUM.value, _STEPS.value, _BATCH.value)  # Before anything is loaded.
     if _DISTRIBUTED.value:
       cli.initialize_distributed()
     if _is_t2i(_WORKDIR.value, _MODEL.value):
