@@ -175,6 +175,7 @@ def test_distill_seed_changes_only_the_distill_stage():
                             distill.condition_batch(distill.distill_seed(b), 0, 10, b.distill))
 
 
+@pytest.mark.slow  # About 3 minutes on 2 cores; run with -m slow.
 def test_tiny_pipeline_with_dimo(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'fpd_jax.main', '--config=configs/demo.py:tiny',
                            '--config.distill.method=dimo', f'--workdir={tmp_path}'],
