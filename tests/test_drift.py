@@ -177,3 +177,21 @@ def test_gradient_descent_moves_student_toward_targets():
     x = x - 20.0 * grad
   after = _energy_distance(x, y)
   assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize('mean_square', [1.0, 1e-4, 6e-9])
+def test_every_bandwidth_of_real_size_gets_unit_rms(mean_square):
+  """Each V_τ is divided by its own RMS: down to the smallest drift measured on the demo (mean square 6.3e-9, a
+  trained student), a bandwidth's weight is not shrunk by the floor (unit RMS within 1e-4)."""
+  v = _normal(24, (8, 4))
+  v = v * np.sqrt(mean_square / np.mean(np.square(np.asarray(v, np.float64))))
+  got = np.asarray(drift.rms_normalize(v), np.float64)
+  np.testing.assert_allclose(np.sqrt(np.mean(np.square(got))), 1.0, rtol=1e-4)
+
+
+def test_rounding_noise_drift_is_not_amplified_and_zero_stays_zero():
+  """A field at float32 rounding level (RMS 1e-9 in unit-scale features) keeps a tiny weight instead of becoming a
+  unit-RMS direction; an all-zero field stays zero."""
+  v = _normal(25, (8, 4)) * 1e-9
+  assert float(jnp.sqrt(jnp.mean(jnp.square(drift.rms_normalize(v))))) < 1e-2
+  np.testing.assert_array_equal(drift.rms_normalize(jnp.zeros((8, 4))), 0.0)
