@@ -5,7 +5,7 @@ r"""Imports official DINOv2 / DINOv3 ViT weights as an Orbax export for `fpd_jax
   python -m fpd_jax.tools.import_dino --weights=dinov2_vitb14_pretrain.pth --layout=dinov2_vitb14 --out=DIR
 
 `--weights` is the official backbone state dict: a `torch.save` `.pth` file as released by facebookresearch/dinov2
-and facebookresearch/dinov3 (read with numpy only, `fpd_jax.tools.torch_files`; no torch needed), or a
+and facebookresearch/dinov3 (read with numpy only, `fpd_jax.weights_io`; no torch needed), or a
 `.safetensors` file holding the same official names. `--layout` names the architecture (`dino.LAYOUTS`).
 
 Every official name is mapped explicitly to our parameter path (`TABLE`, `BLOCK_TABLE`): conv kernels OIHW ->
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
+from fpd_jax import weights_io
 from fpd_jax.errors import UserError
 from fpd_jax.models import dino
 
@@ -116,7 +117,7 @@ def convert(state: dict[str, np.ndarray], config: dino.ViTConfig, source: str) -
   """Maps an official state dict onto our parameter tree, checking every name and shape.
 
   Args:
-    state: {official name: array} (e.g. from `torch_files.load_state_dict`).
+    state: {official name: array} (e.g. from `weights_io.read_weights`).
     config: the architecture the weights must fit.
     source: the file, for messages.
 
@@ -214,27 +215,15 @@ def _sha256(path: str) -> tuple[str, int]:
 
 
 def read_weights(path: str, key: str | None = None) -> dict[str, np.ndarray]:
-  """{name: array} of an official state dict file: `.safetensors`, else a `torch.save` archive.
+  """{name: array} of an official state dict file (`.safetensors` or `torch.save`; `weights_io.read_weights`).
 
   Args:
     path: the file.
-    key: for a `.pth` holding a nested checkpoint, the entry to take (e.g. 'model'); see `torch_files`.
+    key: for a `.pth` holding a nested checkpoint, the entry to take (e.g. 'model').
   """
   if not os.path.isfile(path):
     raise UserError(f'{path} not found; pass the official DINO state dict file (.pth or .safetensors) as --weights.')
-  if path.endswith('.safetensors'):
-    if key:
-      raise UserError('--key applies to .pth checkpoints only; a .safetensors file is flat.')
-    try:
-      from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise UserError('reading .safetensors needs the safetensors package: pip install safetensors.') from e
-    try:
-      return dict(st_numpy.load_file(path))
-    except Exception as e:  # safetensors raises its own SafetensorError and others on bad files.
-      raise UserError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-download it.') from e
-  from fpd_jax.tools import torch_files  # pylint: disable=g-import-not-at-top
-  return torch_files.load_state_dict(path, key=key)
+  return weights_io.read_weights(path, key=key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
