@@ -27,9 +27,14 @@ A tensor is a view (offset, shape, strides) into one storage; views are copied i
 
 Arrays of dtype float32/float64/float16/int64/int32/int16/int8/uint8/bool keep their dtype; bfloat16 (which
 numpy lacks) is returned as float32 (exact), in every format.
+
+The import tools map official names to Flax paths with a layout transform each (`to_flax`, `torch_shape`):
+None (as is), 'linear' (torch Linear [out, in] -> Dense kernel [in, out]), 'conv' (OIHW -> HWIO), 'conv1x1'
+([out, in, 1, 1] -> Dense kernel [in, out]); `sha256` fingerprints the source file for their metadata.
 """
 
 import collections
+import hashlib
 import io
 import json
 import os
@@ -560,3 +565,46 @@ def read_weights(path: str, key: Optional[str] = None) -> dict[str, np.ndarray]:
       raise UserError(f'{path} is a TorchScript archive: drop the key {key!r}.')
     return load_torchscript_arrays(path)
   return load_state_dict(path, key=key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts and fingerprints, for the import tools.
+
+TRANSFORMS = (None, 'linear', 'conv', 'conv1x1')
+
+
+def to_flax(array: np.ndarray, transform: Optional[str]) -> np.ndarray:
+  """A torch-layout array in Flax's layout (see the module docstring for the transforms)."""
+  if transform == 'linear':
+    return array.T
+  if transform == 'conv':
+    return array.transpose(2, 3, 1, 0)
+  if transform == 'conv1x1':
+    return array[:, :, 0, 0].T
+  if transform is not None:
+    raise ValueError(f'unknown transform {transform!r}; expected one of {TRANSFORMS}')
+  return array
+
+
+def torch_shape(shape: tuple, transform: Optional[str]) -> tuple:
+  """The torch-layout shape of a Flax-layout `shape` (for messages in the file's terms)."""
+  if transform == 'linear':
+    return tuple(shape[::-1])
+  if transform == 'conv':
+    return (shape[3], shape[2], shape[0], shape[1])
+  if transform == 'conv1x1':
+    return (shape[1], shape[0], 1, 1)
+  return tuple(shape)
+
+
+def sha256(path: str) -> tuple[str, int]:
+  """(sha256 hex digest, size in bytes) of a file, read in 16 MiB chunks (a progress bar on a terminal)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc=f'hashing {os.path.basename(path)}',
+                                   leave=False, disable=None, mininterval=1.0) as bar:
+    while chunk := f.read(1 << 24):
+      digest.update(chunk)
+      bar.update(len(chunk))
+  return digest.hexdigest(), size

@@ -153,3 +153,16 @@ def test_command_line_error_is_one_line(tmp_path):
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith('error: ') and '--clip' in lines[-1], result.stderr
   assert not out.exists()
+
+
+def test_torchscript_clip_imports_the_same_text_tower(tmp_path):
+  """OpenAI ships CLIP as a traced TorchScript archive; its text tower imports to the same parameters."""
+  sizes = {'text_encoder': SIZES['text_encoder']}
+  metas = {}
+  for name in ('clip.bin', 'clip_torchscript.pt'):
+    out = tmp_path / name
+    metas[name] = import_maskgen.import_weights(str(out), clip=str(FIXTURES / name), sizes=sizes, log=lambda *a: None)
+  assert 'attn_mask' in metas['clip_torchscript.pt']['text_encoder']['unused_entries']
+  a = import_maskgen.load(str(tmp_path / 'clip.bin' / 'text_encoder'), 'text_encoder')[1]
+  b = import_maskgen.load(str(tmp_path / 'clip_torchscript.pt' / 'text_encoder'), 'text_encoder')[1]
+  jax.tree.map(np.testing.assert_array_equal, a, b)

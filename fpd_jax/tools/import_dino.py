@@ -23,7 +23,6 @@ written under a temporary name and renamed into place when complete; an existing
 """
 
 import dataclasses
-import hashlib
 import os
 import re
 
@@ -32,7 +31,6 @@ from absl import flags
 import flax
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
@@ -96,23 +94,6 @@ def unused_keys(config: dino.ViTConfig) -> list[str]:
   return keys
 
 
-def _to_ours(array: np.ndarray, transform: str | None) -> np.ndarray:
-  if transform == 'linear':
-    return array.T
-  if transform == 'conv':
-    return array.transpose(2, 3, 1, 0)
-  return array
-
-
-def _official_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
-  """The official layout of one of our shapes (for messages in the file's terms)."""
-  if transform == 'linear':
-    return shape[::-1]
-  if transform == 'conv':
-    return (shape[3], shape[2], shape[0], shape[1])
-  return shape
-
-
 def convert(state: dict[str, np.ndarray], config: dino.ViTConfig, source: str) -> dict:
   """Maps an official state dict onto our parameter tree, checking every name and shape.
 
@@ -148,18 +129,18 @@ def convert(state: dict[str, np.ndarray], config: dino.ViTConfig, source: str) -
   for name, path, transform in table:
     if name not in state:
       raise UserError(f'{source} lacks entry {name} (missing key; expected shape '
-                      f'{_official_shape(expected[path], transform)} for a {_describe(config)}); {fix}.')
+                      f'{weights_io.torch_shape(expected[path], transform)} for a {_describe(config)}); {fix}.')
   flat = {}
   for name, path, transform in table:
     value = state[name]
     if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
       raise UserError(f'{source}: entry {name} is {getattr(value, "dtype", type(value).__name__)}, not a float '
                       f'array; {fix}.')
-    want = _official_shape(expected[path], transform)
+    want = weights_io.torch_shape(expected[path], transform)
     if tuple(value.shape) != want:
       raise UserError(f'{source}: entry {name} has shape {tuple(value.shape)} but a {_describe(config)} needs '
                       f'{want} (wrong shape); {fix}.')
-    flat[path] = np.ascontiguousarray(_to_ours(value.astype(np.float32), transform))
+    flat[path] = np.ascontiguousarray(weights_io.to_flax(value.astype(np.float32), transform))
   if config.family == 'dinov3':
     _check_rope_periods(state, config, source)
     if config.mask_k_bias:
@@ -203,17 +184,6 @@ def _fold_bias_mask(state: dict, flat: dict, config: dino.ViTConfig, i: int, sou
 # Reading files.
 
 
-def _sha256(path: str) -> tuple[str, int]:
-  digest = hashlib.sha256()
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc=f'hashing {os.path.basename(path)}',
-                                   leave=False, disable=None, mininterval=1.0) as bar:
-    while chunk := f.read(1 << 24):
-      digest.update(chunk)
-      bar.update(len(chunk))
-  return digest.hexdigest(), size
-
-
 def read_weights(path: str, key: str | None = None) -> dict[str, np.ndarray]:
   """{name: array} of an official state dict file (`.safetensors` or `torch.save`; `weights_io.read_weights`).
 
@@ -255,7 +225,7 @@ def import_weights(weights: str, layout_name: str, out: str, overwrite: bool = F
   ckpt_lib.check_export_destinations([out], overwrite)  # Before reading.
   state = read_weights(weights, key)
   params = convert(state, config, weights)
-  sha256, size = _sha256(weights)
+  sha256, size = weights_io.sha256(weights)
   count = int(sum(np.size(x) for x in jax.tree.leaves(params)))
   meta = {'layout': layout_name, 'vit': dataclasses.asdict(config),
           'source': {'file': os.path.abspath(weights), 'sha256': sha256, 'bytes': size},

@@ -11,8 +11,9 @@ The files (any of them may be given alone) are the official ones, as the model h
                `turkeyju/tokenizer_tatitok_bl128_vq`, or `tatitok_bl128_vq.bin` of `fun-research/TA-TiTok`; only the
                decoder and the codebook are taken;
   --clip       open_clip `ViT-L-14-336` with OpenAI weights: `open_clip_pytorch_model.bin` / `open_clip_model.safetensors`
-               of hub repo `timm/vit_large_patch14_clip_336.openai`, or OpenAI's TorchScript `ViT-L-14-336px.pt`; only
-               the text tower is taken.
+               of hub repo `timm/vit_large_patch14_clip_336.openai`, or OpenAI's TorchScript `ViT-L-14-336px.pt`
+               (tested on a traced tiny CLIP; the real archive not yet); only the text tower is taken. The Hugging
+               Face transformers layout (`openai/clip-vit-large-patch14-336`) has other names and is not taken.
 Each may be `.safetensors`, a `torch.save` file (`.bin`, `.pth`) or TorchScript, told apart by content and read
 with numpy (`fpd_jax.weights_io`; no torch). Every official name is mapped explicitly (`generator_table`,
 `tokenizer_table`, `clip_table`; linear weights [out, in] -> kernels [in, out], convs OIHW -> HWIO) and every shape
@@ -34,7 +35,6 @@ Each meta holds the sizes, the source file, its size and sha256, and the entries
 """
 
 import dataclasses
-import hashlib
 import os
 
 from absl import app
@@ -43,7 +43,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
@@ -177,26 +176,6 @@ def expected_shapes(part: str, sizes: dict) -> dict[str, tuple]:
   return ckpt_lib.tree_shapes(jax.eval_shape(lambda: net.init(jax.random.key(0), *args)['params']))
 
 
-def _to_ours(array: np.ndarray, transform: str | None) -> np.ndarray:
-  if transform == 'linear':
-    return array.T
-  if transform == 'conv':
-    return array.transpose(2, 3, 1, 0)
-  if transform == 'conv1x1':
-    return array[:, :, 0, 0].T
-  return array
-
-
-def _official_shape(shape: tuple, transform: str | None) -> tuple:
-  if transform == 'linear':
-    return shape[::-1]
-  if transform == 'conv':
-    return (shape[3], shape[2], shape[0], shape[1])
-  if transform == 'conv1x1':
-    return (shape[1], shape[0], 1, 1)
-  return shape
-
-
 def _unused(part: str, name: str) -> bool:
   return any(name.startswith(u) if u.endswith('.') else name == u for u in UNUSED[part])
 
@@ -225,15 +204,15 @@ def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str) -
     value = state[name]
     if not np.issubdtype(value.dtype, np.floating):
       raise UserError(f'{source}: entry {name} is {value.dtype}, not a float array; {fix}.')
-    want = _official_shape(expected[path], transform)
+    want = weights_io.torch_shape(expected[path], transform)
     if tuple(value.shape) != want:
       raise UserError(f'{source}: entry {name} has shape {tuple(value.shape)} but {describe} needs {want} (wrong '
                       f'shape); {fix}.')
-    flat[path] = np.ascontiguousarray(_to_ours(value.astype(np.float32, copy=False), transform))
+    flat[path] = np.ascontiguousarray(weights_io.to_flax(value.astype(np.float32, copy=False), transform))
   for name, path, transform in table:
     if name not in state:
       raise UserError(f'{source} lacks entry {name} (missing key; expected shape '
-                      f'{_official_shape(expected[path], transform)} for {describe}); {fix}.')
+                      f'{weights_io.torch_shape(expected[path], transform)} for {describe}); {fix}.')
   known = {name for name, _, _ in table}
   for key in state:  # File order: the first entry the table does not know.
     if key not in known and not _unused(part, key):
@@ -249,17 +228,6 @@ def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str) -
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading and writing.
-
-
-def _sha256(path: str) -> tuple[str, int]:
-  digest = hashlib.sha256()
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc=f'hashing {os.path.basename(path)}',
-                                   leave=False, disable=None, mininterval=1.0) as bar:
-    while chunk := f.read(1 << 24):
-      digest.update(chunk)
-      bar.update(len(chunk))
-  return digest.hexdigest(), size
 
 
 def check_sources(generator: str | None, tokenizer: str | None, clip: str | None) -> dict[str, str]:
@@ -307,7 +275,7 @@ def import_weights(out: str, generator: str | None = None, tokenizer: str | None
     params = convert(part, state, sizes[part], path)
     unused = sorted(k for k in state if _unused(part, k))
     del state
-    sha256, size = _sha256(path)
+    sha256, size = weights_io.sha256(path)
     leaves = jax.tree.leaves(params)
     count = int(sum(np.size(x) for x in leaves))
     meta = {'part': part, 'sizes': dict(sizes[part]),
