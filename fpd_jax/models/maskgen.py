@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from fpd_jax import conditioning as cond_lib
+from fpd_jax.errors import UserError
 from fpd_jax.models import clip_text
 from fpd_jax.models.maskgit import truncated_normal
 
@@ -177,9 +178,14 @@ class MaskGenModel:
     return self._apply(self.net.init, rng, tokens, jnp.asarray(example_cond)[:1])
 
   def logits(self, params, tokens: jax.Array, cond, *, deterministic: bool = True,
-             dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Logits `[B, N, K]` (MaskGen has no dropout: `deterministic` and `dropout_rng` are accepted and unused)."""
-    del deterministic, dropout_rng
+             dropout_rng: jax.Array | None = None, embedding_noise: float = 0.0,
+             noise_rng: jax.Array | None = None) -> jax.Array:
+    """Logits `[B, N, K]` (MaskGen has no dropout: `deterministic` and `dropout_rng` are accepted and unused; the
+    input-embedding noise of Di[M]O's generator is not implemented for it, so `embedding_noise` must be 0)."""
+    del deterministic, dropout_rng, noise_rng
+    if embedding_noise:
+      raise UserError(f'embedding_noise={embedding_noise}: MaskGen has no input-embedding noise; set '
+                      'config.distill.dimo.embedding_noise = 0.')
     return self._apply(lambda p, *a: self.net.apply({'params': p}, *a), params, tokens, cond)
 
   def guided_logits(self, params, tokens: jax.Array, cond, cfg_scale) -> jax.Array:

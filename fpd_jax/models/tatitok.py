@@ -2,7 +2,8 @@
 
 MaskGen's tokenizer: 1-D token ids `[B, N]` (N = 128 for `tatitok_bl128_vq`) and the caption's CLIP text states
 `[B, 77, 768]` (the `ln_final` output of every position) -> RGB images `[B, H, W, 3]`, about [0, 1] (the released
-demo clamps to [0, 1]; so does `decode_images`).
+demo clamps to [0, 1]; so does `decode_images`). `TextConditionedTokenizer` pairs it with the CLIP text tower as the
+tokenizer of the FPD step (decoding the lifted embeddings of a draft).
 
     z = codebook[ids]                                                   [B, N, 64] (no l2-normalisation)
     x = [class_embedding; mask_token x G^2] + positional_embedding      [B, 1 + G^2, W]   (G = 256 / 16)
@@ -31,6 +32,7 @@ The 1x1 conv's output channel c' = (p1 * p + p2) * 3 + c lands at pixel (h * p +
 (einops 'b (p1 p2 c) h w -> b c (h p1) (w p2)'). LayerNorm epsilon 1e-5 (torch's default).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -43,7 +45,6 @@ LN_EPS = 1e-5
 # tatitok_bl128_vq (configs/infer/TA-TiTok/tatitok_bl128_vq.yaml): a ViT-L decoder, 16-pixel patches at 256x256.
 TATITOK_BL128_VQ = dict(codebook_size=8192, token_size=64, num_tokens=128, image_size=256, patch_size=16, width=1024,
                         num_layers=24, num_heads=16, text_length=77, text_dim=768)
-MODEL_SIZES = {'small': (512, 8, 8), 'base': (768, 12, 12), 'large': (1024, 24, 16)}  # width, layers, heads.
 
 
 class TATiTokDecoder(nn.Module):
@@ -65,13 +66,14 @@ class TATiTokDecoder(nn.Module):
     return self.image_size // self.patch_size
 
   @nn.compact
-  def __call__(self, ids: jax.Array, text: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, text: jax.Array, embedded: bool = False) -> jax.Array:
+    """Images of token ids `[B, N]`, or of codebook embeddings `[B, N, token_size]` when `embedded` (FPD's lift)."""
     w, g, p = self.width, self.grid, self.patch_size
     scale = nn.initializers.normal(w ** -0.5)
     codebook = self.param('codebook', nn.initializers.uniform(2.0 / self.codebook_size),
                           (self.codebook_size, self.token_size))
-    z = jnp.take(codebook, ids.astype(jnp.int32), axis=0)
-    x = nn.Dense(w, dtype=self.dtype, name='decoder_embed')(z)
+    z = tokens if embedded else jnp.take(codebook, tokens.astype(jnp.int32), axis=0)
+    x = nn.Dense(w, dtype=self.dtype, name='decoder_embed')(z.astype(self.dtype))
     b = x.shape[0]
     cls = self.param('class_embedding', scale, (1, w))
     pos = self.param('positional_embedding', scale, (g * g + 1, w))
@@ -93,11 +95,32 @@ class TATiTokDecoder(nn.Module):
     return x.astype(jnp.float32)
 
 
-def from_sizes(**sizes) -> TATiTokDecoder:
-  """The decoder of a dict like `TATITOK_BL128_VQ`."""
-  return TATiTokDecoder(**sizes)
-
-
 def decode_images(decoder: TATiTokDecoder, params, ids: jax.Array, text: jax.Array) -> jax.Array:
   """Images in [0, 1] `[B, H, W, 3]`, clamped as the released demo does."""
   return jnp.clip(decoder.apply({'params': params}, ids, text), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditionedTokenizer:
+  """The decoder with the CLIP text tower that feeds it, as the FPD step's tokenizer (`fpd.decode_embeddings`).
+
+  Parameters: `{'decoder': TATiTokDecoder params, 'text_encoder': TextTransformer params}` (both frozen). The
+  condition is the caption ids `[B, L]`; the decoder reads the text tower's `ln_final` states of them.
+  """
+  decoder: TATiTokDecoder
+  text_encoder: clip_text.TextTransformer
+
+  def codebook(self, params) -> jax.Array:
+    return params['decoder']['codebook']
+
+  def text_states(self, params, ids: jax.Array) -> jax.Array:
+    return self.text_encoder.apply({'params': params['text_encoder']}, ids, with_final=True)[2]
+
+  def decode_embeddings(self, params, embeddings: jax.Array, ids: jax.Array) -> jax.Array:
+    """Codebook embeddings `[B, N, token_size]` + caption ids -> raw images `[B, H, W, 3]` (gradients pass)."""
+    text = jax.lax.stop_gradient(self.text_states(params, ids))
+    return self.decoder.apply({'params': params['decoder']}, embeddings, text, embedded=True)
+
+  def decode_tokens(self, params, tokens: jax.Array, ids: jax.Array) -> jax.Array:
+    """Token ids + caption ids -> images in [0, 1], clamped as the released demo does."""
+    return decode_images(self.decoder, params['decoder'], tokens, self.text_states(params, ids))
