@@ -116,6 +116,10 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
     raise ValueError(f'Unknown distill.refine_source {cfg.refine_source!r}; choose one of {REFINE_SOURCES}.')
   frozen_params = jax.lax.stop_gradient(frozen_params)
   teacher = models.teacher
+  if hasattr(teacher, 'bind_text') and 'text_encoder' in frozen_params['tokenizer']:
+    # The released MaskGen's text tower travels with the tokenizer's frozen parameters (the decoder reads it too):
+    # the teacher reads that copy, an input of the step, rather than a constant compiled into it.
+    teacher = teacher.bind_text(frozen_params['tokenizer']['text_encoder'])
   noise_rng, draft_rng, source_rng, corrupt_rng, refine_rng = jax.random.split(rng, 5)
   batch = jax.tree.leaves(cond)[0].shape[0]
   num_tokens = models.num_tokens or models.grid ** 2
