@@ -180,8 +180,15 @@ def _unused(part: str, name: str) -> bool:
   return any(name.startswith(u) if u.endswith('.') else name == u for u in UNUSED[part])
 
 
-def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str) -> dict:
-  """Maps one official state dict onto our parameter tree, checking every name and shape.
+def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str, consume: bool = False) -> dict:
+  """Maps one official state dict onto our parameter tree, checking every name and shape first.
+
+  Args:
+    part: a key of `PARTS`.
+    state: {official name: array}.
+    sizes: the part's sizes (`RELEASED[part]` for the released file).
+    source: the file, for messages.
+    consume: remove each entry from `state` once converted (the import holds one copy of a large file, not two).
 
   Returns:
     Nested dicts of float32 numpy arrays with the structure of the part's Flax module at `sizes`.
@@ -197,7 +204,6 @@ def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str) -
   table = TABLES[part](sizes)
   paths = {path for _, path, _ in table}
   assert paths == set(expected), sorted(paths ^ set(expected))  # The table covers the module exactly.
-  flat = {}
   for name, path, transform in table:  # Table order: the first wrong shape (a file of other sizes fails here).
     if name not in state:
       continue
@@ -208,7 +214,6 @@ def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str) -
     if tuple(value.shape) != want:
       raise UserError(f'{source}: entry {name} has shape {tuple(value.shape)} but {describe} needs {want} (wrong '
                       f'shape); {fix}.')
-    flat[path] = np.ascontiguousarray(weights_io.to_flax(value.astype(np.float32, copy=False), transform))
   for name, path, transform in table:
     if name not in state:
       raise UserError(f'{source} lacks entry {name} (missing key; expected shape '
@@ -223,6 +228,10 @@ def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str) -
     if head.shape != state['embeddings.weight'].shape or not np.array_equal(head, state['embeddings.weight']):
       raise UserError(f'{source}: lm_head.weight differs from embeddings.weight, but the released head is tied to '
                       f'the embedding table; {fix}.')
+  flat = {}
+  for name, path, transform in table:
+    value = state.pop(name) if consume else state[name]
+    flat[path] = np.ascontiguousarray(weights_io.to_flax(value.astype(np.float32, copy=False), transform))
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
@@ -272,8 +281,8 @@ def import_weights(out: str, generator: str | None = None, tokenizer: str | None
   loaded = {}
   for part, path in sources.items():
     state = weights_io.read_weights(path)
-    params = convert(part, state, sizes[part], path)
     unused = sorted(k for k in state if _unused(part, k))
+    params = convert(part, state, sizes[part], path, consume=True)
     del state
     sha256, size = weights_io.sha256(path)
     leaves = jax.tree.leaves(params)
