@@ -13,6 +13,7 @@ Then, with one prompt per line in prompts.txt (distillation needs prompts only, 
   python -m fpd_jax.main --config=configs/t2i.py:pod --workdir=/mnt/gcs/t2i --config.data.prompts_file=...
   python -m fpd_jax.main --config=configs/t2i.py:smoke --workdir=/tmp/smoke --config.data.prompts_file=... \
       --config.text_encoder.vocab=bpe_simple_vocab_16e6.txt.gz     # CPU, tiny shapes, random weights
+  python -m fpd_jax.sample --workdir=runs/t2i --model=student --prompts_file=prompts.txt --num=4 --out=x.png
 
 Variants: '' (= 'gpu'), 'gpu', 'pod', 'smoke'. Every knob is a field below; override with `--config.a.b=v`.
 """
@@ -93,6 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # choice; the released 16-step sampler ramps its guidance from 1 to 12).
   c.distill.teacher_cfg_scale = 3.0
   c.distill.dimo.teacher_cfg_scale = 3.0  # The same guidance for the Di[M]O baseline's teacher.
+
+  # ---- The teacher's sampler (`fpd_jax.sample --model=teacher`): the released `MaskGen_VQ.generate`.
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.guidance_scale = 12.0  # Guidance rises from 1 to this with a cosine ramp (c + (c - u) * w).
+  c.sampling.randomize_temperature = 2.0  # Gumbel noise scale, annealed to 0 (the released README example's value).
 
   c.mesh = demo.mesh_config(data=-1, fsdp=1)  # Batch over data x fsdp; rules of configs/demo.py.
   c.train = base.train  # Checkpointing, logging, gradient clipping (see configs/imagenet.py).

@@ -7,8 +7,9 @@ r"""Samples a trained model of a workdir to an `.npz` (for other evaluation tool
   python -m fpd_jax.sample --workdir=runs/t2i --model=teacher --steps=16 --prompts_file=prompts.txt --out=x.npz
 
 The `.npz` holds `images` (uint8 N x H x W x C) and `labels` (int32 N, class-balanced: i % num_classes); for a
-text-to-image workdir (`configs/t2i_demo.py`) it holds `images` and `captions` (`--num` images per prompt, one
-prompt after another) and the `.png` has one captioned row per prompt.
+text-to-image workdir (`configs/t2i_demo.py`, `configs/t2i.py`) it holds `images` and `captions` (`--num` images per
+prompt, one prompt after another) and the `.png` has one captioned row per prompt. A `configs/t2i.py` workdir's
+teacher is the imported MaskGen-L, sampled with the released sampler (`--steps`, 16 in the release).
 The models' config is read from the workdir's exports; no config flag is needed.
 
 Each batch is split over all devices (with `--distributed`, of all processes: start one per host like
@@ -111,9 +112,13 @@ def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) ->
     raise UserError(f'--out={out}: use a name ending in .npz or .png.')
 
 
-def _is_t2i(workdir: str, model: str) -> bool:
-  """Whether the workdir's model was trained by the text-to-image pipeline (`config.task == 't2i'`)."""
-  return workdir_config(workdir, model).get('task') == 't2i'
+def _task(workdir: str, model: str) -> str:
+  """The pipeline that made the workdir's model: 'class', 't2i' (the demo) or 'maskgen' (the released MaskGen,
+  whose teacher is imported: its config is the one stored with the student)."""
+  if model == 'teacher' and not os.path.isdir(export_dir(workdir, model)) and os.path.isdir(
+      export_dir(workdir, 'student')):
+    model = 'student'
+  return workdir_config(workdir, model).get('task', 'class')
 
 
 def main(argv):
@@ -123,14 +128,17 @@ def main(argv):
     check_counts(_NUM.value, _STEPS.value, _BATCH.value)  # Before anything is loaded.
     if _DISTRIBUTED.value:
       cli.initialize_distributed()
-    if _is_t2i(_WORKDIR.value, _MODEL.value):
+    task = _task(_WORKDIR.value, _MODEL.value)
+    if task in ('t2i', 'maskgen'):
       from fpd_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+      from fpd_jax.train import maskgen as maskgen_stage  # pylint: disable=g-import-not-at-top
       from fpd_jax.train import t2i as t2i_stage  # pylint: disable=g-import-not-at-top
       if bool(_PROMPT.value) == bool(_PROMPTS_FILE.value):
         raise UserError('a text-to-image workdir needs exactly one of --prompt="..." or --prompts_file=FILE.')
       prompts = [_PROMPT.value] if _PROMPT.value else captions_lib.read_prompts_file(_PROMPTS_FILE.value)
-      images, captions = t2i_stage.sample_prompts(_WORKDIR.value, _MODEL.value, _STEPS.value, prompts, _NUM.value,
-                                                  _SEED.value, _BATCH.value)
+      stage = maskgen_stage if task == 'maskgen' else t2i_stage
+      images, captions = stage.sample_prompts(_WORKDIR.value, _MODEL.value, _STEPS.value, prompts, _NUM.value,
+                                              _SEED.value, _BATCH.value)
       if _OUT.value.endswith('.png'):
         grid_lib.save_png(_OUT.value, t2i_stage.captioned_grid(images, captions, _NUM.value))
       elif _OUT.value.endswith('.npz'):

@@ -237,7 +237,7 @@ def generate(model: MaskGenModel, params, cond: jax.Array, rng: jax.Array | None
   Args:
     model: the generator; `cond` its caption ids `[B, L]`.
     params: its parameters.
-    rng: draws the uniforms when `uniforms` is None.
+    rng: draws the uniforms when `uniforms` is None (step t, draw i from fold_in(fold_in(rng, t), i)).
     num_steps, guidance_scale, randomize_temperature, guidance_decay_scale_pow, softmax_temperature_annealing: the
       released sampler's arguments (defaults: the released ones; the inference config sets guidance 12, 16 steps).
     uniforms: optional recorded draws `(u1 [T, B, N, K], u2 [T, B, N])` (the official sampler's `uniform_` calls in
@@ -245,11 +245,13 @@ def generate(model: MaskGenModel, params, cond: jax.Array, rng: jax.Array | None
   """
   batch = cond.shape[0]
   n, k = model.net.num_tokens, model.codebook_size
-  if uniforms is None:
-    r1, r2 = jax.random.split(rng)
-    uniforms = (jax.random.uniform(r1, (num_steps, batch, n, k)), jax.random.uniform(r2, (num_steps, batch, n)))
 
-  def run(params, cond, u1, u2):
+  def run(params, cond, rng, uniforms):
+    def draw(i, step, shape):  # The recorded draw, else a fresh one per step (never all T at once).
+      if uniforms is not None:
+        return uniforms[i][step]
+      return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, step), i), shape)
+
     ids = jnp.full((batch, n), model.mask_id, jnp.int32)
     for step in range(num_steps):
       ratio = (step + 1) / num_steps
@@ -258,7 +260,8 @@ def generate(model: MaskGenModel, params, cond: jax.Array, rng: jax.Array | None
       scale = (guidance_scale - 1) * (1 - math.cos((ratio ** guidance_decay_scale_pow) * math.pi)) / 2 + 1
       logits = model.guided_logits(params, ids, cond, scale)
       logits = logits / ((0.5 + 0.8 * (1 - ratio)) if softmax_temperature_annealing else annealed)
-      sampled = jnp.argmax(logits + annealed * gumbel_from_uniform(u1[step]), axis=-1).astype(jnp.int32)
+      sampled = jnp.argmax(logits + annealed * gumbel_from_uniform(draw(0, step, (batch, n, k))),
+                           axis=-1).astype(jnp.int32)
       picked = jnp.take_along_axis(logits, sampled[..., None], axis=-1)[..., 0]
       sampled = jnp.where(is_mask, sampled, ids)
       if step == num_steps - 1:
@@ -266,9 +269,11 @@ def generate(model: MaskGenModel, params, cond: jax.Array, rng: jax.Array | None
       picked = jnp.where(is_mask, picked, jnp.inf)
       mask_len = jnp.floor(n * jnp.arccos(jnp.float32(ratio)) / (math.pi * 0.5))
       mask_len = jnp.maximum(1, jnp.minimum(jnp.sum(is_mask[0]) - 1, mask_len)).astype(jnp.int32)
-      confidence = picked + annealed * gumbel_from_uniform(u2[step])
+      confidence = picked + annealed * gumbel_from_uniform(draw(1, step, (batch, n)))
       cut_off = jnp.take(jnp.sort(confidence, axis=-1), mask_len - 1, axis=-1)[:, None]
       ids = jnp.where(confidence <= cut_off, model.mask_id, sampled)
     return ids
 
-  return jax.jit(run)(params, cond, jnp.asarray(uniforms[0]), jnp.asarray(uniforms[1]))
+  if uniforms is not None:
+    uniforms = (jnp.asarray(uniforms[0]), jnp.asarray(uniforms[1]))
+  return jax.jit(run)(params, cond, rng if rng is not None else jax.random.key(0), uniforms)

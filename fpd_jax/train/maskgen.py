@@ -14,18 +14,23 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import conditioning as cond_lib
 from fpd_jax import sharding
+from fpd_jax import sampling
+from fpd_jax.data import captions as captions_lib
 from fpd_jax.data import clip_tokenizer
 from fpd_jax.errors import UserError
 from fpd_jax.models import clip_text
 from fpd_jax.models import maskgen
 from fpd_jax.models import tatitok
 from fpd_jax.train import distill as distill_stage
+from fpd_jax.eval import grid as grid_lib
 from fpd_jax.train import loop
+from fpd_jax.train import t2i as t2i_stage
 
 IMPORT_HINT = 'python -m fpd_jax.tools.import_maskgen --generator=... --tokenizer=... --clip=...'
 
@@ -40,11 +45,7 @@ def read_prompts(config) -> list[str]:
   if not path or not os.path.isfile(path):
     raise UserError(f'config.data.prompts_file={path!r} is not a file; pass a text file with one prompt per line '
                     '(distillation needs prompts only, no images).')
-  with open(path, encoding='utf-8') as f:
-    prompts = [line.strip() for line in f if line.strip()]
-  if not prompts:
-    raise UserError(f'{path} holds no prompt; write one prompt per line.')
-  return prompts
+  return captions_lib.read_prompts_file(path)
 
 
 def _sizes(section, fields) -> dict:
@@ -148,6 +149,60 @@ def run_distill(config, workdir: str) -> dict:
                   {'student': state['ema_params'], 'tokenizer': frozen['tokenizer']['decoder'],
                    'text_encoder': text_params}, {'config': config.to_dict()})
   return {'steps': cfg.num_steps, 'batch_size': size, 'prompts': int(len(ids))}
+
+
+# ---- sampling
+
+
+def load_student(export_dir: str):
+  """(config, student params, text params, decoder params) from the export of the distill stage."""
+  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export_dir, 'the distilled student')['config'])
+  text, net = text_tower(config), decoder(config)
+  ids = jnp.zeros((1, config.text_encoder.context_length), jnp.int32)
+
+  def shapes():
+    text_params = text.init(jax.random.key(0), ids)['params']
+    model = teacher_model(config, text_params)
+    return {'student': model.init(jax.random.key(0), config.teacher.num_tokens, ids)['params'],
+            'tokenizer': net.init(jax.random.key(0), jnp.zeros((1, net.num_tokens), jnp.int32),
+                                  jnp.zeros((1, net.text_length, net.text_dim)))['params'],
+            'text_encoder': text_params}
+
+  params = ckpt_lib.load_export(export_dir, jax.eval_shape(shapes), 'the distilled student')
+  return config, params['student'], params['text_encoder'], params['tokenizer']
+
+
+def sample_prompts(workdir: str, model: str, steps: int, prompts: list[str], num: int, seed: int,
+                   batch_size: int) -> tuple[np.ndarray, list[str]]:
+  """(uint8 images [len(prompts) * num, H, W, 3], their captions) of the distilled student (one step) or the
+  teacher (the released sampler, `maskgen.generate`, in `steps` steps with `config.sampling`); `fpd_jax.sample`."""
+  if num <= 0 or steps <= 0 or batch_size <= 0:
+    raise UserError(f'--num, --steps and --batch_size must be > 0 (got {num}, {steps}, {batch_size}).')
+  config, student, text_params, decoder_params = load_student(os.path.join(workdir, 'distill', 'export'))
+  caps = [p for p in prompts for _ in range(num)]
+  ids = text_tokenizer(config).encode(caps)
+  base = teacher_model(config, text_params)
+  tokenizer = tokenizer_model(config)
+  tok_params = {'decoder': decoder_params, 'text_encoder': text_params}
+  if model == 'student':
+    params = student
+    settings = sampling.OneStepSettings.from_distill_config(config.distill)
+    tokens_fn = lambda p, tp, cond, rng: sampling.one_step_generate(
+        base.bind_text(tp), p, cond, rng, num_tokens=config.teacher.num_tokens, settings=settings)
+  else:
+    params = load_teacher_params(config, base, workdir)
+    s = config.sampling
+    tokens_fn = lambda p, tp, cond, rng: maskgen.generate(
+        base.bind_text(tp), p, cond, rng, num_steps=steps, guidance_scale=s.guidance_scale,
+        randomize_temperature=s.randomize_temperature)
+
+  @jax.jit
+  def images(p, tp, cond, rng):
+    return tokenizer.decode_tokens(tp, tokens_fn(p, tp['text_encoder'], cond, rng), cond)
+
+  out, _ = t2i_stage.generate(lambda cond, rng: images(params, tok_params, cond, rng), ids, jax.random.key(seed),
+                              batch_size)
+  return grid_lib.to_uint8(out), caps
 
 
 STAGES = {'distill': run_distill}
