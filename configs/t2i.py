@@ -9,7 +9,9 @@ Before the first run, import the released weights once (`fpd_jax/tools/import_ma
 
 Then, with one prompt per line in prompts.txt (distillation needs prompts only, no images):
 
-  python -m fpd_jax.main --config=configs/t2i.py:gpu --workdir=runs/t2i --config.data.prompts_file=prompts.txt
+  pip download open_clip_torch==2.31.0 --no-deps -d wheels    # CLIP's BPE vocabulary (read from the zip; no torch)
+  python -m fpd_jax.main --config=configs/t2i.py:gpu --workdir=runs/t2i --config.data.prompts_file=prompts.txt \
+      --config.text_encoder.vocab=wheels/open_clip_torch-2.31.0-py3-none-any.whl
   python -m fpd_jax.main --config=configs/t2i.py:pod --workdir=/mnt/gcs/t2i --config.data.prompts_file=...
   python -m fpd_jax.main --config=configs/t2i.py:smoke --workdir=/tmp/smoke --config.data.prompts_file=... \
       --config.text_encoder.vocab=bpe_simple_vocab_16e6.txt.gz     # CPU, tiny shapes, random weights
