@@ -5,10 +5,13 @@ r"""Samples a trained model of a workdir to an `.npz` (for other evaluation tool
   python -m fpd_jax.sample --workdir=runs/t2i --model=student --prompt="a red three to the left of a blue seven" \
       --num=16 --out=x.png
   python -m fpd_jax.sample --workdir=runs/t2i --model=teacher --steps=16 --prompts_file=prompts.txt --out=x.npz
+  python -m fpd_jax.sample --workdir=runs/t2i --model=student --prompts_file=evaluation_metadata.jsonl --num=4 \
+      --out_dir=geneval_images          # GenEval's layout: 00000/metadata.jsonl, 00000/samples/00000.png, ...
 
 The `.npz` holds `images` (uint8 N x H x W x C) and `labels` (int32 N, class-balanced: i % num_classes); for a
-text-to-image workdir (`configs/t2i_demo.py`) it holds `images` and `captions` (`--num` images per prompt, one
-prompt after another) and the `.png` has one captioned row per prompt.
+text-to-image workdir (`configs/t2i_demo.py`, `configs/t2i.py`) it holds `images` and `captions` (`--num` images per
+prompt, one prompt after another) and the `.png` has one captioned row per prompt. A `configs/t2i.py` workdir's
+teacher is the imported MaskGen-L, sampled with the released sampler (`--steps`, 16 in the release).
 The models' config is read from the workdir's exports; no config flag is needed.
 
 Each batch is split over all devices (with `--distributed`, of all processes: start one per host like
@@ -48,12 +51,15 @@ _OUT = flags.DEFINE_string('out', None, 'Output file: NAME.npz (arrays) or NAME.
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 250, 'Images per sampling call.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text-to-image workdirs: the prompt (or use --prompts_file).')
-_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Text-to-image workdirs: a file with one prompt a line.')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Text-to-image workdirs: a file with one prompt a line, or '
+                                    "GenEval's evaluation_metadata.jsonl.")
+_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Text-to-image workdirs, instead of --out: a new directory written in '
+                               'the folder layout the official GenEval scorer reads (fpd_jax/eval/geneval_files.py).')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Multi-process run (one process per host, started like '
                                  'fpd_jax.main by the launch/ scripts): the batches are split over the devices of '
                                  'all processes; process 0 writes --out.')
-flags.mark_flags_as_required(['workdir', 'out'])
+flags.mark_flags_as_required(['workdir'])
 
 
 def export_dir(workdir: str, model: str) -> str:
@@ -111,9 +117,13 @@ def write(out: str, images: np.ndarray, labels: np.ndarray, num_classes: int) ->
     raise UserError(f'--out={out}: use a name ending in .npz or .png.')
 
 
-def _is_t2i(workdir: str, model: str) -> bool:
-  """Whether the workdir's model was trained by the text-to-image pipeline (`config.task == 't2i'`)."""
-  return workdir_config(workdir, model).get('task') == 't2i'
+def _task(workdir: str, model: str) -> str:
+  """The pipeline that made the workdir's model: 'class', 't2i' (the demo) or 'maskgen' (the released MaskGen,
+  whose teacher is imported: its config is the one stored with the student)."""
+  if model == 'teacher' and not os.path.isdir(export_dir(workdir, model)) and os.path.isdir(
+      export_dir(workdir, 'student')):
+    model = 'student'
+  return workdir_config(workdir, model).get('task', 'class')
 
 
 def main(argv):
@@ -121,16 +131,30 @@ def main(argv):
 
   def run():
     check_counts(_NUM.value, _STEPS.value, _BATCH.value)  # Before anything is loaded.
+    if bool(_OUT.value) == bool(_OUT_DIR.value):
+      raise UserError('pass exactly one of --out=FILE (.npz or .png) or --out_dir=DIR (GenEval folders).')
     if _DISTRIBUTED.value:
       cli.initialize_distributed()
-    if _is_t2i(_WORKDIR.value, _MODEL.value):
-      from fpd_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+    task = _task(_WORKDIR.value, _MODEL.value)
+    if task in ('t2i', 'maskgen'):
+      from fpd_jax.eval import geneval_files  # pylint: disable=g-import-not-at-top
+      from fpd_jax.train import maskgen as maskgen_stage  # pylint: disable=g-import-not-at-top
       from fpd_jax.train import t2i as t2i_stage  # pylint: disable=g-import-not-at-top
       if bool(_PROMPT.value) == bool(_PROMPTS_FILE.value):
         raise UserError('a text-to-image workdir needs exactly one of --prompt="..." or --prompts_file=FILE.')
-      prompts = [_PROMPT.value] if _PROMPT.value else captions_lib.read_prompts_file(_PROMPTS_FILE.value)
-      images, captions = t2i_stage.sample_prompts(_WORKDIR.value, _MODEL.value, _STEPS.value, prompts, _NUM.value,
-                                                  _SEED.value, _BATCH.value)
+      if _PROMPT.value:
+        prompts, metadata = [_PROMPT.value], [{'prompt': _PROMPT.value}]
+      else:
+        prompts, metadata = geneval_files.read_prompts(_PROMPTS_FILE.value)
+      if _OUT_DIR.value and os.path.isdir(_OUT_DIR.value) and os.listdir(_OUT_DIR.value):
+        raise UserError(f'--out_dir={_OUT_DIR.value} is not empty; pass a new directory.')  # Before sampling.
+      stage = maskgen_stage if task == 'maskgen' else t2i_stage
+      images, captions = stage.sample_prompts(_WORKDIR.value, _MODEL.value, _STEPS.value, prompts, _NUM.value,
+                                              _SEED.value, _BATCH.value)
+      if _OUT_DIR.value:
+        geneval_files.write_folders(_OUT_DIR.value, images, metadata, _NUM.value)
+        print(f'wrote {len(images)} images in {len(prompts)} GenEval folders to {_OUT_DIR.value}')
+        return
       if _OUT.value.endswith('.png'):
         grid_lib.save_png(_OUT.value, t2i_stage.captioned_grid(images, captions, _NUM.value))
       elif _OUT.value.endswith('.npz'):
@@ -139,6 +163,8 @@ def main(argv):
         raise UserError(f'--out={_OUT.value}: use a name ending in .npz or .png.')
       print(f'wrote {len(images)} images to {_OUT.value}')
       return
+    if _OUT_DIR.value:
+      raise UserError('--out_dir (GenEval folders) is for text-to-image workdirs; pass --out=FILE.npz or .png.')
     images, labels, num_classes = generate(_WORKDIR.value, _MODEL.value, _STEPS.value, _NUM.value, _SEED.value,
                                            _BATCH.value)
     write(_OUT.value, images, labels, num_classes)

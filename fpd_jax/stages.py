@@ -73,12 +73,14 @@ DISTILL_INPUTS = ('data', 'tokenizer', 'teacher', 'eval_net', 'feature_net')
 
 
 def stages_of(config) -> dict:
-  """The stage functions of the config's pipeline: `config.task` 'class' (default) or 't2i' (text-to-image)."""
+  """The stage functions of the config's pipeline: `config.task` 'class' (default), 't2i' (the text-to-image demo)
+  or 'maskgen' (the released MaskGen-L teacher, `configs/t2i.py`)."""
+  from fpd_jax.train import maskgen  # pylint: disable=g-import-not-at-top
   from fpd_jax.train import t2i  # pylint: disable=g-import-not-at-top
   task = config.get('task', 'class')
-  if task not in ('class', 't2i'):
-    raise UserError(f"config.task={task!r}; choose 'class' or 't2i'.")
-  return t2i.STAGES if task == 't2i' else STAGES
+  if task not in ('class', 't2i', 'maskgen'):
+    raise UserError(f"config.task={task!r}; choose 'class', 't2i' or 'maskgen'.")
+  return {'class': STAGES, 't2i': t2i.STAGES, 'maskgen': maskgen.STAGES}[task]
 
 
 def validate(config) -> None:
@@ -87,6 +89,12 @@ def validate(config) -> None:
   unknown = [s for s in config.stages if s not in known]
   if unknown:
     raise UserError(f'unknown stage(s) {unknown} in config.stages; known stages: {list(known)}.')
+  if config.get('task', 'class') == 'maskgen':  # Imported networks, prompts only: its own checks.
+    from fpd_jax.train import maskgen  # pylint: disable=g-import-not-at-top
+    maskgen.validate(config)
+    check_batch_split(config, {'distill.groups_per_batch * distill.samples_per_group':
+                               distill.batch_size(config.distill)})
+    return
   build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
   sampling.validate(config)
   if 'distill' in config.stages:
@@ -96,19 +104,24 @@ def validate(config) -> None:
     for key in ('num_steps', 'batch_size'):
       if config[section][key] <= 0:
         raise UserError(f'config.{section}.{key} must be > 0 (got {config[section][key]}).')
-  mesh = sharding.mesh_shape(config.mesh, jax.device_count()) if 'mesh' in config else (jax.device_count(),)
-  data_parallel = int(np.prod(mesh))  # The batch is split over every mesh axis.
   batches = {f'{section}.batch_size': config[section].batch_size for section in trained}
   if 'distill' in config.stages:
     batches['distill.groups_per_batch * distill.samples_per_group'] = distill.batch_size(config.distill)
-  for name, size in batches.items():
-    if size % data_parallel:
-      raise UserError(f'config.{name} = {size} is not divisible by the {data_parallel} devices the batch is split '
-                      'over (config.mesh); use a multiple.')
+  check_batch_split(config, batches)
   if config.get('concurrent_stages', 1) < 1:
     raise UserError(f'config.concurrent_stages must be >= 1 (got {config.concurrent_stages}).')
   if config.evaluate.num_samples <= 0 or any(s <= 0 for s in config.evaluate.teacher_steps):
     raise UserError('config.evaluate.num_samples and every config.evaluate.teacher_steps must be > 0.')
+
+
+def check_batch_split(config, batches: dict) -> None:
+  """Each `{name: global batch size}` must split evenly over the devices of `config.mesh`."""
+  mesh = sharding.mesh_shape(config.mesh, jax.device_count()) if 'mesh' in config else (jax.device_count(),)
+  data_parallel = int(np.prod(mesh))  # The batch is split over every mesh axis.
+  for name, size in batches.items():
+    if size % data_parallel:
+      raise UserError(f'config.{name} = {size} is not divisible by the {data_parallel} devices the batch is split '
+                      'over (config.mesh); use a multiple.')
 
 
 def use_compilation_cache(setting: str, workdir: str) -> None:

@@ -34,16 +34,20 @@ class FPDModels:
 
   Attributes:
     teacher: the multi-step teacher; the student has the same architecture.
-    tokenizer: the VQGAN whose decoder maps embeddings to images (frozen).
+    tokenizer: the VQGAN whose decoder maps embeddings to images (frozen), or a tokenizer with
+      `decode_embeddings(params, embeddings, cond)` and `codebook(params)` (1-D and reading the condition:
+      `tatitok.TextConditionedTokenizer`).
     features: feature encoder phi, `(params, images) -> list of [B, S_j]` (frozen).
     discriminator: the GAN discriminator (trained; used only when the GAN is enabled).
     grid: side of the token grid.
+    num_tokens: tokens per image when they form no square grid (0: grid ** 2).
   """
   teacher: MaskGITModel
   tokenizer: Any
   features: Callable
   discriminator: Any
   grid: int
+  num_tokens: int = 0
 
 
 def corrupt(rng: jax.Array, tokens: jax.Array, mask_id: int, r_min: float, r_max: float):
@@ -63,8 +67,18 @@ def refine(teacher: MaskGITModel, teacher_params, corrupted: jax.Array, mask: ja
   return jax.lax.stop_gradient(jnp.where(mask, filled, corrupted))
 
 
-def decode_embeddings(models: FPDModels, tokenizer_params, embeddings: jax.Array) -> jax.Array:
-  """Token embeddings `[B, N, D]` -> images through the frozen decoder (raw output, gradients pass)."""
+def codebook_of(models: FPDModels, tokenizer_params) -> jax.Array:
+  """The codebook E `[K, D]` of the lift: the VQGAN quantizer's, or a 1-D tokenizer's own."""
+  if hasattr(models.tokenizer, 'decode_embeddings'):
+    return models.tokenizer.codebook(tokenizer_params)
+  return tokenizer_params['quantizer']['codebook']
+
+
+def decode_embeddings(models: FPDModels, tokenizer_params, embeddings: jax.Array, cond=None) -> jax.Array:
+  """Token embeddings `[B, N, D]` -> images through the frozen decoder (raw output, gradients pass); a decoder that
+  reads the condition (TA-TiTok reads the caption) gets `cond`."""
+  if hasattr(models.tokenizer, 'decode_embeddings'):
+    return models.tokenizer.decode_embeddings(tokenizer_params, embeddings, cond)
   b, _, d = embeddings.shape
   grid = embeddings.reshape(b, models.grid, models.grid, d)
   return models.tokenizer.apply({'params': tokenizer_params}, grid, method='decode')
@@ -102,9 +116,13 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
     raise ValueError(f'Unknown distill.refine_source {cfg.refine_source!r}; choose one of {REFINE_SOURCES}.')
   frozen_params = jax.lax.stop_gradient(frozen_params)
   teacher = models.teacher
+  if hasattr(teacher, 'bind_text') and 'text_encoder' in frozen_params['tokenizer']:
+    # The released MaskGen's text tower travels with the tokenizer's frozen parameters (the decoder reads it too):
+    # the teacher reads that copy, an input of the step, rather than a constant compiled into it.
+    teacher = teacher.bind_text(frozen_params['tokenizer']['text_encoder'])
   noise_rng, draft_rng, source_rng, corrupt_rng, refine_rng = jax.random.split(rng, 5)
   batch = jax.tree.leaves(cond)[0].shape[0]
-  num_tokens = models.grid ** 2
+  num_tokens = models.num_tokens or models.grid ** 2
 
   # 1. Draft: one student forward on input noise, hard tokens.
   logits = sampling.one_step_logits(teacher, student_params, cond, noise_rng, num_tokens, cfg.r_init)
@@ -118,14 +136,14 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
   target = refine(teacher, frozen_params['teacher'], corrupted, mask, cond, refine_rng,
                   temperature=cfg.teacher_temperature, cfg_scale=cfg.teacher_cfg_scale)
   # 4. Lift: straight-through (or soft) embedding of the draft.
-  codebook = frozen_params['tokenizer']['quantizer']['codebook']
+  codebook = codebook_of(models, frozen_params['tokenizer'])
   decode, features = decode_embeddings, models.features
   if cfg.get('remat', False):  # Recompute the decoder and encoder activations in the backward pass.
     decode = jax.checkpoint(decode_embeddings, static_argnums=(0,))
     features = jax.checkpoint(models.features)
-  student_images = decode(models, frozen_params['tokenizer'], ste.lift(logits, draft, codebook, cfg.lift))
+  student_images = decode(models, frozen_params['tokenizer'], ste.lift(logits, draft, codebook, cfg.lift), cond)
   target_images = jax.lax.stop_gradient(
-      decode_embeddings(models, frozen_params['tokenizer'], jnp.take(codebook, target, axis=0)))
+      decode_embeddings(models, frozen_params['tokenizer'], jnp.take(codebook, target, axis=0), cond))
   # 5. Features (student keeps gradients, target is stop-gradient).
   student_feats = features(frozen_params['features'], student_images)
   target_feats = jax.lax.stop_gradient(models.features(frozen_params['features'], target_images))

@@ -6,6 +6,9 @@
 
 `__call__(ids)` returns `(states, pooled)`: `states` [B, L, width] is the output of block `state_layer` (default -2:
 the penultimate block, before `ln_final`, as MaskGen reads its text condition), `pooled` [B, embed_dim].
+`__call__(ids, with_final=True)` adds the `ln_final` output of every position [B, L, width] (the TA-TiTok decoder's
+text guidance). open_clip's `attn_mask` is the causal mask; `pooled` is taken at the argmax of the ids, open_clip's
+'argmax' pooling (the end-of-text id is the largest), after `ln_final`, times `text_projection`.
 
 Parameter structure (so the released open_clip ViT-L/14 text tower can load: width 768, 12 layers, 12 heads,
 context 77, QuickGELU for OpenAI weights, embed_dim 768). open_clip state_dict key -> this module's path:
@@ -22,7 +25,8 @@ context 77, QuickGELU for OpenAI weights, embed_dim 768). open_clip state_dict k
   ln_final.{weight,bias}                               ln_final/{scale,bias}
   text_projection [W, E]                               text_projection (as is: pooled @ text_projection)
 
-LayerNorm epsilon 1e-5 (torch's default).
+LayerNorm epsilon 1e-5 (torch's default). `VIT_L_14_336` holds the released text tower's sizes (open_clip
+`ViT-L-14-336`, OpenAI weights: QuickGELU, 49,408 ids, 77 positions).
 """
 
 import flax.linen as nn
@@ -30,6 +34,9 @@ import jax
 import jax.numpy as jnp
 
 LN_EPS = 1e-5
+# open_clip ViT-L-14-336's text tower with OpenAI weights (model_configs/ViT-L-14-336.json, quick_gelu=True).
+VIT_L_14_336 = dict(vocab_size=49408, context_length=77, width=768, num_layers=12, num_heads=12, mlp_ratio=4.0,
+                    embed_dim=768, activation='quick_gelu', state_layer=-2)
 
 
 def quick_gelu(x):
@@ -38,8 +45,9 @@ def quick_gelu(x):
 
 
 class CausalSelfAttention(nn.Module):
-  """torch.nn.MultiheadAttention's layout: one `in_proj` for q, k, v, then `out_proj`; causal mask."""
+  """torch.nn.MultiheadAttention's layout: one `in_proj` for q, k, v, then `out_proj`; causal mask (or none)."""
   num_heads: int
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -47,7 +55,7 @@ class CausalSelfAttention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, name='in_proj')(x).reshape(b, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, length, width)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b, length, width)
     return nn.Dense(width, name='out_proj')(out)
 
 
@@ -64,15 +72,16 @@ class Mlp(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-  """open_clip's pre-LN block."""
+  """open_clip's pre-LN block (also TiTok's `ResidualAttentionBlock`, non-causal with exact GELU)."""
   width: int
   num_heads: int
   mlp_ratio: float
   activation: str
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
-    x = x + CausalSelfAttention(self.num_heads, name='attn')(nn.LayerNorm(LN_EPS, name='ln_1')(x))
+    x = x + CausalSelfAttention(self.num_heads, self.causal, name='attn')(nn.LayerNorm(LN_EPS, name='ln_1')(x))
     return x + Mlp(self.width, self.mlp_ratio, self.activation, name='mlp')(nn.LayerNorm(LN_EPS, name='ln_2')(x))
 
 
@@ -98,7 +107,7 @@ class TextTransformer(nn.Module):
   state_layer: int = -2
 
   @nn.compact
-  def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, ids: jax.Array, with_final: bool = False) -> tuple[jax.Array, ...]:
     ids = ids.astype(jnp.int32)
     x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
                  name='token_embedding')(ids)
@@ -114,7 +123,7 @@ class TextTransformer(nn.Module):
     eot = jnp.argmax(ids, axis=-1)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     proj = self.param('text_projection', nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim))
-    return states, pooled @ proj
+    return (states, pooled @ proj, x) if with_final else (states, pooled @ proj)
 
 
 def from_config(cfg, vocab_size: int, context_length: int) -> TextTransformer:

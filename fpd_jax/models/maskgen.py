@@ -14,7 +14,13 @@ gated output projection (`to_out`, `to_add_out`) and gated MLP (`ff`, `ff_contex
 modulates the text with AdaLayerNormContinuous and returns no text stream. Every modulation is zero-initialised
 (adaLN-Zero): at init each block is the identity on both streams.
 
-Token layout: ids 0..K-1 are codebook entries, K is the mask token (as MaskGen's `mask_token_id`).
+Token layout: ids 0..K-1 are codebook entries, K is the mask token (as MaskGen's `mask_token_id`). The released
+table has `extra_embedding_rows` = 1001 more rows after the mask row (unused class ids kept for compatibility); only
+rows 0..K-1 reach the head. `MASKGEN_VQ_L` holds the released generator's sizes (configs/infer/MaskGen/maskgen_vq_l.yaml
+of bytedance/1d-tokenizer: K 8192, 128 tokens, width 1024, 16 blocks, 16 heads, aesthetic score 6.5).
+
+`generate` is the released sampler (`MaskGen_VQ.generate`) step for step, so that a fixed draw of its noise gives
+the same tokens (see its docstring); `fpd_jax.sampling.iterative_decode` is the project's MaskGIT sampler.
 
 `MaskGenModel` has the interface of `MaskGITModel` (`logits`, `guided_logits`, `init`, `mask_id`,
 `codebook_size`), so the sampler, the teacher trainer and the FPD step use it unchanged. A condition is the caption
@@ -22,6 +28,7 @@ ids `[B, L]` (`conditioning.TextConditioner`); the frozen text encoder runs insi
 by the model (never trained by the generator's optimizer).
 """
 
+import copy
 import math
 from typing import Any
 
@@ -30,10 +37,16 @@ import jax
 import jax.numpy as jnp
 
 from fpd_jax import conditioning as cond_lib
+from fpd_jax.errors import UserError
 from fpd_jax.models import clip_text
 from fpd_jax.models.maskgit import truncated_normal
 
 LN_EPS = 1e-6
+# The released MaskGen-L (VQ): `MaskGenTransformer` fields, the text sizes it reads, and its sampling defaults.
+MASKGEN_VQ_L = dict(codebook_size=8192, num_tokens=128, hidden_size=1024, num_layers=16, num_heads=16, mlp_ratio=4.0,
+                    micro_condition_dim=256, extra_embedding_rows=1001)
+MASKGEN_VQ_L_TEXT_DIM = 768  # Width of the CLIP token states and of the pooled vector it reads.
+MASKGEN_VQ_L_AESTHETIC_SCORE = 6.5  # `sample_aesthetic_score` of the inference config.
 
 
 def _ln(x):
@@ -115,12 +128,14 @@ class MaskGenTransformer(nn.Module):
   num_heads: int = 4
   mlp_ratio: float = 4.0
   micro_condition_dim: int = 256  # Size of the aesthetic score's sinusoidal embedding (0 = no micro-condition).
+  extra_embedding_rows: int = 0  # Unused rows after the mask row (1001 in the released table).
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, text_states, pooled, aesthetic):
     init = truncated_normal(0.02)
-    table = self.param('embeddings', init, (self.codebook_size + 1, self.hidden_size))  # + the mask token.
+    rows = self.codebook_size + 1 + self.extra_embedding_rows  # + the mask token (+ unused rows).
+    table = self.param('embeddings', init, (rows, self.hidden_size))
     pos = self.param('pos_embed', init, (1, self.num_tokens, self.hidden_size))
     x = (jnp.take(table, tokens.astype(jnp.int32), axis=0) + pos[:, :tokens.shape[1]]).astype(self.dtype)
     c = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name='text_embed_proj')(text_states)
@@ -148,6 +163,13 @@ class MaskGenModel:
     self.codebook_size = net.codebook_size
     self.mask_id = net.codebook_size
 
+  def bind_text(self, text_params) -> 'MaskGenModel':
+    """The same model reading `text_params` (e.g. traced inputs of a jitted step: parameters held by the model are
+    otherwise baked into the compiled program as constants, 0.5 GB for the released CLIP text tower)."""
+    bound = copy.copy(self)
+    bound.text_params = text_params
+    return bound
+
   def encode_text(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(token states, pooled vector) of caption ids from the frozen encoder."""
     states, pooled = self.text_encoder.apply({'params': self.text_params}, ids)
@@ -164,9 +186,14 @@ class MaskGenModel:
     return self._apply(self.net.init, rng, tokens, jnp.asarray(example_cond)[:1])
 
   def logits(self, params, tokens: jax.Array, cond, *, deterministic: bool = True,
-             dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Logits `[B, N, K]` (MaskGen has no dropout: `deterministic` and `dropout_rng` are accepted and unused)."""
-    del deterministic, dropout_rng
+             dropout_rng: jax.Array | None = None, embedding_noise: float = 0.0,
+             noise_rng: jax.Array | None = None) -> jax.Array:
+    """Logits `[B, N, K]` (MaskGen has no dropout: `deterministic` and `dropout_rng` are accepted and unused; the
+    input-embedding noise of Di[M]O's generator is not implemented for it, so `embedding_noise` must be 0)."""
+    del deterministic, dropout_rng, noise_rng
+    if embedding_noise:
+      raise UserError(f'embedding_noise={embedding_noise}: MaskGen has no input-embedding noise; set '
+                      'config.distill.dimo.embedding_noise = 0.')
     return self._apply(lambda p, *a: self.net.apply({'params': p}, *a), params, tokens, cond)
 
   def guided_logits(self, params, tokens: jax.Array, cond, cfg_scale) -> jax.Array:
@@ -183,5 +210,70 @@ def from_config(cfg, conditioner, codebook_size: int, num_tokens: int, text_enco
   """The generator of a config section like `configs/t2i_demo.py`'s `teacher`."""
   net = MaskGenTransformer(codebook_size=codebook_size, num_tokens=num_tokens, hidden_size=cfg.hidden_size,
                            num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                           micro_condition_dim=cfg.micro_condition_dim, dtype=dtype)
+                           micro_condition_dim=cfg.micro_condition_dim,
+                           extra_embedding_rows=cfg.get('extra_embedding_rows', 0), dtype=dtype)
   return MaskGenModel(net, conditioner, text_encoder, text_params, cfg.aesthetic_score)
+
+
+def gumbel_from_uniform(u: jax.Array) -> jax.Array:
+  """-log(-log(u)) with MaskGen's clamps (log of max(t, 1e-20)), so a recorded uniform draw replays exactly."""
+  log = lambda t: jnp.log(jnp.maximum(t, 1e-20))
+  return -log(-log(u))
+
+
+def generate(model: MaskGenModel, params, cond: jax.Array, rng: jax.Array | None = None, *, num_steps: int = 16,
+             guidance_scale: float = 12.0, randomize_temperature: float = 1.5, guidance_decay_scale_pow: float = 1.0,
+             softmax_temperature_annealing: bool = True, uniforms=None) -> jax.Array:
+  """The released `MaskGen_VQ.generate` (guidance_decay='cosine', prob_sorting=True): tokens `[B, N]`.
+
+  Step t of T (ratio r = (t+1)/T), starting from all mask ids:
+    w = (guidance_scale - 1) * (1 - cos(pi * r^pow)) / 2 + 1;  logits = c + (c - u) * w  (u: the empty caption)
+    logits /= 0.5 + 0.8 * (1 - r)  (or / (randomize_temperature * (1 - r)) without annealing)
+    sampled = argmax(logits + a * g1),  a = randomize_temperature * (1 - r)    known tokens are kept
+    confidence = logits[sampled] + a * g2 (known positions +inf);  k = floor(N * arccos(r) / (pi/2)) clamped to
+    [1, masked - 1]; positions with confidence <= the k-th smallest are masked again (not after the last step).
+  g1 [B, N, K], g2 [B, N] are Gumbel noise -log(-log(U)) of uniforms U.
+
+  Args:
+    model: the generator; `cond` its caption ids `[B, L]`.
+    params: its parameters.
+    rng: draws the uniforms when `uniforms` is None (step t, draw i from fold_in(fold_in(rng, t), i)).
+    num_steps, guidance_scale, randomize_temperature, guidance_decay_scale_pow, softmax_temperature_annealing: the
+      released sampler's arguments (defaults: the released ones; the inference config sets guidance 12, 16 steps).
+    uniforms: optional recorded draws `(u1 [T, B, N, K], u2 [T, B, N])` (the official sampler's `uniform_` calls in
+      order), for a token-for-token replay.
+  """
+  batch = cond.shape[0]
+  n, k = model.net.num_tokens, model.codebook_size
+
+  def run(params, cond, rng, uniforms):
+    def draw(i, step, shape):  # The recorded draw, else a fresh one per step (never all T at once).
+      if uniforms is not None:
+        return uniforms[i][step]
+      return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, step), i), shape)
+
+    ids = jnp.full((batch, n), model.mask_id, jnp.int32)
+    for step in range(num_steps):
+      ratio = (step + 1) / num_steps
+      annealed = randomize_temperature * (1.0 - ratio)
+      is_mask = ids == model.mask_id
+      scale = (guidance_scale - 1) * (1 - math.cos((ratio ** guidance_decay_scale_pow) * math.pi)) / 2 + 1
+      logits = model.guided_logits(params, ids, cond, scale)
+      logits = logits / ((0.5 + 0.8 * (1 - ratio)) if softmax_temperature_annealing else annealed)
+      sampled = jnp.argmax(logits + annealed * gumbel_from_uniform(draw(0, step, (batch, n, k))),
+                           axis=-1).astype(jnp.int32)
+      picked = jnp.take_along_axis(logits, sampled[..., None], axis=-1)[..., 0]
+      sampled = jnp.where(is_mask, sampled, ids)
+      if step == num_steps - 1:
+        return sampled
+      picked = jnp.where(is_mask, picked, jnp.inf)
+      mask_len = jnp.floor(n * jnp.arccos(jnp.float32(ratio)) / (math.pi * 0.5))
+      mask_len = jnp.maximum(1, jnp.minimum(jnp.sum(is_mask[0]) - 1, mask_len)).astype(jnp.int32)
+      confidence = picked + annealed * gumbel_from_uniform(draw(1, step, (batch, n)))
+      cut_off = jnp.take(jnp.sort(confidence, axis=-1), mask_len - 1, axis=-1)[:, None]
+      ids = jnp.where(confidence <= cut_off, model.mask_id, sampled)
+    return ids
+
+  if uniforms is not None:
+    uniforms = (jnp.asarray(uniforms[0]), jnp.asarray(uniforms[1]))
+  return jax.jit(run)(params, cond, rng if rng is not None else jax.random.key(0), uniforms)

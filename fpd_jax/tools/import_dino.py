@@ -5,7 +5,7 @@ r"""Imports official DINOv2 / DINOv3 ViT weights as an Orbax export for `fpd_jax
   python -m fpd_jax.tools.import_dino --weights=dinov2_vitb14_pretrain.pth --layout=dinov2_vitb14 --out=DIR
 
 `--weights` is the official backbone state dict: a `torch.save` `.pth` file as released by facebookresearch/dinov2
-and facebookresearch/dinov3 (read with numpy only, `fpd_jax.tools.torch_files`; no torch needed), or a
+and facebookresearch/dinov3 (read with numpy only, `fpd_jax.weights_io`; no torch needed), or a
 `.safetensors` file holding the same official names. `--layout` names the architecture (`dino.LAYOUTS`).
 
 Every official name is mapped explicitly to our parameter path (`TABLE`, `BLOCK_TABLE`): conv kernels OIHW ->
@@ -23,7 +23,6 @@ written under a temporary name and renamed into place when complete; an existing
 """
 
 import dataclasses
-import hashlib
 import os
 import re
 
@@ -32,10 +31,10 @@ from absl import flags
 import flax
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
+from fpd_jax import weights_io
 from fpd_jax.errors import UserError
 from fpd_jax.models import dino
 
@@ -95,28 +94,11 @@ def unused_keys(config: dino.ViTConfig) -> list[str]:
   return keys
 
 
-def _to_ours(array: np.ndarray, transform: str | None) -> np.ndarray:
-  if transform == 'linear':
-    return array.T
-  if transform == 'conv':
-    return array.transpose(2, 3, 1, 0)
-  return array
-
-
-def _official_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
-  """The official layout of one of our shapes (for messages in the file's terms)."""
-  if transform == 'linear':
-    return shape[::-1]
-  if transform == 'conv':
-    return (shape[3], shape[2], shape[0], shape[1])
-  return shape
-
-
 def convert(state: dict[str, np.ndarray], config: dino.ViTConfig, source: str) -> dict:
   """Maps an official state dict onto our parameter tree, checking every name and shape.
 
   Args:
-    state: {official name: array} (e.g. from `torch_files.load_state_dict`).
+    state: {official name: array} (e.g. from `weights_io.read_weights`).
     config: the architecture the weights must fit.
     source: the file, for messages.
 
@@ -147,18 +129,18 @@ def convert(state: dict[str, np.ndarray], config: dino.ViTConfig, source: str) -
   for name, path, transform in table:
     if name not in state:
       raise UserError(f'{source} lacks entry {name} (missing key; expected shape '
-                      f'{_official_shape(expected[path], transform)} for a {_describe(config)}); {fix}.')
+                      f'{weights_io.torch_shape(expected[path], transform)} for a {_describe(config)}); {fix}.')
   flat = {}
   for name, path, transform in table:
     value = state[name]
     if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
       raise UserError(f'{source}: entry {name} is {getattr(value, "dtype", type(value).__name__)}, not a float '
                       f'array; {fix}.')
-    want = _official_shape(expected[path], transform)
+    want = weights_io.torch_shape(expected[path], transform)
     if tuple(value.shape) != want:
       raise UserError(f'{source}: entry {name} has shape {tuple(value.shape)} but a {_describe(config)} needs '
                       f'{want} (wrong shape); {fix}.')
-    flat[path] = np.ascontiguousarray(_to_ours(value.astype(np.float32), transform))
+    flat[path] = np.ascontiguousarray(weights_io.to_flax(value.astype(np.float32), transform))
   if config.family == 'dinov3':
     _check_rope_periods(state, config, source)
     if config.mask_k_bias:
@@ -202,39 +184,16 @@ def _fold_bias_mask(state: dict, flat: dict, config: dino.ViTConfig, i: int, sou
 # Reading files.
 
 
-def _sha256(path: str) -> tuple[str, int]:
-  digest = hashlib.sha256()
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc=f'hashing {os.path.basename(path)}',
-                                   leave=False, disable=None, mininterval=1.0) as bar:
-    while chunk := f.read(1 << 24):
-      digest.update(chunk)
-      bar.update(len(chunk))
-  return digest.hexdigest(), size
-
-
 def read_weights(path: str, key: str | None = None) -> dict[str, np.ndarray]:
-  """{name: array} of an official state dict file: `.safetensors`, else a `torch.save` archive.
+  """{name: array} of an official state dict file (`.safetensors` or `torch.save`; `weights_io.read_weights`).
 
   Args:
     path: the file.
-    key: for a `.pth` holding a nested checkpoint, the entry to take (e.g. 'model'); see `torch_files`.
+    key: for a `.pth` holding a nested checkpoint, the entry to take (e.g. 'model').
   """
   if not os.path.isfile(path):
     raise UserError(f'{path} not found; pass the official DINO state dict file (.pth or .safetensors) as --weights.')
-  if path.endswith('.safetensors'):
-    if key:
-      raise UserError('--key applies to .pth checkpoints only; a .safetensors file is flat.')
-    try:
-      from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise UserError('reading .safetensors needs the safetensors package: pip install safetensors.') from e
-    try:
-      return dict(st_numpy.load_file(path))
-    except Exception as e:  # safetensors raises its own SafetensorError and others on bad files.
-      raise UserError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-download it.') from e
-  from fpd_jax.tools import torch_files  # pylint: disable=g-import-not-at-top
-  return torch_files.load_state_dict(path, key=key)
+  return weights_io.read_weights(path, key=key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +225,7 @@ def import_weights(weights: str, layout_name: str, out: str, overwrite: bool = F
   ckpt_lib.check_export_destinations([out], overwrite)  # Before reading.
   state = read_weights(weights, key)
   params = convert(state, config, weights)
-  sha256, size = _sha256(weights)
+  sha256, size = weights_io.sha256(weights)
   count = int(sum(np.size(x) for x in jax.tree.leaves(params)))
   meta = {'layout': layout_name, 'vit': dataclasses.asdict(config),
           'source': {'file': os.path.abspath(weights), 'sha256': sha256, 'bytes': size},

@@ -162,18 +162,22 @@ def with_random_weights(config):
 def load_frozen_params(config, workdir: str) -> dict:
   """The frozen parameters of the step: {'teacher', 'tokenizer', 'features'} for FPD (wherever the config says),
   {'teacher', 'tokenizer'} for Di[M]O (the tokenizer only for the export)."""
-  cfg = config.distill
   teacher = teacher_stage.load(config, workdir)[1]
   tokenizer = tokenizer_stage.load(config, workdir)[1]
   if method_of(config) == 'dimo':
     return {'teacher': teacher, 'tokenizer': tokenizer}
+  return {'teacher': teacher, 'tokenizer': tokenizer, 'features': load_feature_params(config, workdir)}
+
+
+def load_feature_params(config, workdir: str):
+  """The parameters of the drift feature space `feature_encoder_of(config)`: none (pixels), DINO's, or the
+  feature_net stage's."""
+  cfg = config.distill
   if cfg.drift_space == 'pixels':
-    features = {}
-  elif cfg.get('feature_encoder', 'feature_net') == 'dino':
-    features = dino.load_params(config.dino)
-  else:
-    features = eval_net_stage.load('feature_net', config.feature_net, config, workdir)[1]
-  return {'teacher': teacher, 'tokenizer': tokenizer, 'features': features}
+    return {}
+  if cfg.get('feature_encoder', 'feature_net') == 'dino':
+    return dino.load_params(config.dino)
+  return eval_net_stage.load('feature_net', config.feature_net, config, workdir)[1]
 
 
 def condition_batch(seed: int, step: int, num_classes: int, cfg) -> np.ndarray:
@@ -263,16 +267,17 @@ def trained_parameter_count(config, teacher_params) -> int:
   return optim.num_trained(state['params']) + optim.num_trained(state.get('disc_params', {}))
 
 
-def build_models(config, features, teacher=None) -> fpd.FPDModels:
+def build_models(config, features, teacher=None, tokenizer=None, num_tokens: int = 0) -> fpd.FPDModels:
   """The FPD modules; the teacher/student and the tokenizer compute in `distill.compute_dtype` (parameters and
-  optimizer state stay float32). `teacher`: a prebuilt teacher model (the text pipeline's MaskGen) instead of the
-  config's MaskGIT."""
+  optimizer state stay float32). `teacher`: a prebuilt teacher model (the text pipelines' MaskGen) instead of the
+  config's MaskGIT; `tokenizer` and `num_tokens`: a prebuilt 1-D tokenizer (the released MaskGen's TA-TiTok) and
+  its token count instead of the config's VQGAN and its grid."""
   dtype = jnp.dtype(config.distill.get('compute_dtype', 'float32'))
   teacher = teacher if teacher is not None else build.teacher(config, dtype=dtype)
-  return fpd.FPDModels(teacher=teacher, tokenizer=build.tokenizer(config, dtype=dtype),
-                       features=features,
+  tokenizer = tokenizer if tokenizer is not None else build.tokenizer(config, dtype=dtype)
+  return fpd.FPDModels(teacher=teacher, tokenizer=tokenizer, features=features,
                        discriminator=gan_lib.Discriminator(tuple(config.distill.gan.widths)),
-                       grid=build.token_grid(config))
+                       grid=0 if num_tokens else build.token_grid(config), num_tokens=num_tokens)
 
 
 @dataclasses.dataclass
@@ -284,13 +289,13 @@ class Trainer:
   rng: jax.Array  # Root key of the loop (step s uses fold_in(rng, s)).
 
 
-def trainer(config, teacher=None) -> Trainer:
+def trainer(config, teacher=None, tokenizer=None, num_tokens: int = 0) -> Trainer:
   """The configured method's step and initial state (no parameters loaded: also used to compile abstractly);
-  `teacher` as in `build_models`."""
+  `teacher`, `tokenizer`, `num_tokens` as in `build_models`."""
   if method_of(config) == 'dimo':
     return dimo_trainer(config)
   cfg = config.distill
-  models = build_models(config, feature_encoder_of(config), teacher)
+  models = build_models(config, feature_encoder_of(config), teacher, tokenizer, num_tokens)
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   gan_cfg = ml_collections.ConfigDict({'learning_rate': cfg.gan.learning_rate, 'num_steps': cfg.num_steps})
   disc_tx = optim.make_optimizer(gan_cfg, config.train.grad_clip)

@@ -1,12 +1,23 @@
-"""Reads PyTorch files with numpy only: `torch.save` files (zip or legacy) and TorchScript archives.
+"""Reads released weight files with numpy only: safetensors, `torch.save` files (zip or legacy), TorchScript.
 
-No torch import and no arbitrary code: the pickle inside the file is read by a restricted unpickler that knows
-only the handful of globals that describe tensors and plain containers (tensor rebuild functions, typed
-storages, `collections.OrderedDict`). Any other global (e.g. `os.system`, `argparse.Namespace`) raises a
-UserError naming it. TorchScript module classes (`__torch__.*`) are accepted only by `load_torchscript_arrays`,
-and even there they become inert records of their attributes: no method of the archive is ever run.
+The one place in the package that reads other frameworks' weight files: models (`models/inception.py`) and the
+import tools (`tools/import_dino.py`, `tools/import_maskgen.py`) sit above it. No torch import and no arbitrary
+code.
 
-Formats:
+  state = read_weights('maskgen_vq_l.safetensors')                    # any of the formats below, by content
+  state = load_state_dict('dinov2_vits14_pretrain.pth')              # {'blocks.0.attn.qkv.weight': ...}
+  state = load_state_dict('checkpoint.pth', key='teacher')           # one entry of a nested checkpoint
+  arrays = load_torchscript_arrays('default_1.pt')                   # {'net.layers.conv.weight': ...}
+  state = load_safetensors('model.safetensors')
+
+safetensors: an 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}` (plus an
+optional `__metadata__`), then one raw little-endian buffer; read with numpy from a memory map.
+
+PyTorch files: the pickle inside the file is read by a restricted unpickler that knows only the handful of globals
+that describe tensors and plain containers (tensor rebuild functions, typed storages, `collections.OrderedDict`).
+Any other global (e.g. `os.system`, `argparse.Namespace`) raises a UserError naming it. TorchScript module classes
+(`__torch__.*`) are accepted only by `load_torchscript_arrays`, and even there they become inert records of their
+attributes: no method of the archive is ever run.
   * zip (`torch.save` since torch 1.6, and TorchScript): `<prefix>/data.pkl` (the pickle) plus
     `<prefix>/data/<key>` (one raw buffer per storage; little-endian unless `<prefix>/byteorder` says 'big');
   * legacy `torch.save` (torch < 1.6 or `_use_new_zipfile_serialization=False`, e.g. pytorch-fid's
@@ -14,16 +25,18 @@ Formats:
     the pickled list of storage keys, then each storage as an int64 element count and its raw bytes.
 A tensor is a view (offset, shape, strides) into one storage; views are copied into contiguous arrays.
 
-  state = load_state_dict('dinov2_vits14_pretrain.pth')              # {'blocks.0.attn.qkv.weight': ...}
-  state = load_state_dict('checkpoint.pth', key='teacher')           # one entry of a nested checkpoint
-  arrays = load_torchscript_arrays('default_1.pt')                   # {'net.layers.conv.weight': ...}
+Arrays of dtype float32/float64/float16/int64/int32/int16/int8/uint8/bool keep their dtype; bfloat16 (which
+numpy lacks) is returned as float32 (exact), in every format.
 
-Storages of dtype float32/float64/float16/int64/int32/int16/int8/uint8/bool keep their dtype; bfloat16 (which
-numpy lacks) is returned as float32 (exact).
+The import tools map official names to Flax paths with a layout transform each (`to_flax`, `torch_shape`):
+None (as is), 'linear' (torch Linear [out, in] -> Dense kernel [in, out]), 'conv' (OIHW -> HWIO), 'conv1x1'
+([out, in, 1, 1] -> Dense kernel [in, out]); `sha256` fingerprints the source file for their metadata.
 """
 
 import collections
+import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -444,3 +457,154 @@ def load_torchscript_arrays(path: str) -> dict[str, np.ndarray]:
   if not out:
     raise UserError(f'{path} holds no tensor: give a TorchScript archive with parameters.')
   return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors.
+
+# safetensors dtype -> numpy dtype (None: bfloat16, widened to float32).
+_SAFETENSORS_DTYPES = {
+    'F64': np.dtype('<f8'), 'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'), 'BF16': None,
+    'I64': np.dtype('<i8'), 'I32': np.dtype('<i4'), 'I16': np.dtype('<i2'), 'I8': np.dtype('i1'),
+    'U8': np.dtype('u1'), 'BOOL': np.dtype('?'),
+}
+_MAX_HEADER = 100 << 20  # Bytes; the format's own limit.
+
+
+def is_safetensors(path: str) -> bool:
+  """Whether `path` starts like a safetensors file (a plausible header length followed by '{')."""
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(9)
+  except OSError:
+    return False
+  if len(head) < 9:
+    return False
+  (length,) = struct.unpack('<Q', head[:8])
+  return 2 <= length <= _MAX_HEADER and head[8:9] == b'{'
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads every tensor of a `.safetensors` file as a numpy array, in the file's buffer order.
+
+  Raises:
+    UserError: missing file, a header that is not the format's, an unknown dtype, or offsets outside the file.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist: give the path of a .safetensors file.')
+  size = os.path.getsize(path)
+  bad = f'{path} is not a valid safetensors file'
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise UserError(f'{bad} (shorter than its 8-byte header length): re-download it.')
+    (length,) = struct.unpack('<Q', head)
+    if length > min(_MAX_HEADER, size - 8):
+      raise UserError(f'{bad} (header length {length} for a {size}-byte file): re-download it.')
+    try:
+      header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise UserError(f'{bad} (its header is not JSON: {e}): re-download it.') from e
+  if not isinstance(header, dict):
+    raise UserError(f'{bad} (its header is not a JSON object): re-download it.')
+  header.pop('__metadata__', None)
+  start = 8 + length
+  buffer = np.memmap(path, dtype=np.uint8, mode='r', offset=start, shape=(size - start,)) if size > start else None
+  out = {}
+  for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1].get('data_offsets', (0, 0)))):
+    try:
+      dtype_name, shape, (begin, end) = info['dtype'], tuple(int(n) for n in info['shape']), info['data_offsets']
+    except (KeyError, TypeError, ValueError) as e:
+      raise UserError(f'{bad} (entry {name} lacks dtype/shape/data_offsets): re-download it.') from e
+    if dtype_name not in _SAFETENSORS_DTYPES:
+      raise UserError(f'{path}: entry {name} has dtype {dtype_name}, which this reader does not take '
+                      f'({sorted(_SAFETENSORS_DTYPES)}); re-save it as float32.')
+    dtype = _SAFETENSORS_DTYPES[dtype_name] or np.dtype('<u2')
+    count = int(np.prod(shape, dtype=np.int64))
+    if not 0 <= begin <= end <= size - start or end - begin != count * dtype.itemsize:
+      raise UserError(f'{bad} (entry {name}: bytes {begin}..{end} do not hold {shape} {dtype_name} inside the '
+                      f'{size - start}-byte buffer; truncated?): re-download it.')
+    array = np.frombuffer(buffer, dtype, count=count, offset=begin).copy() if count else np.zeros(0, dtype)
+    if _SAFETENSORS_DTYPES[dtype_name] is None:  # bfloat16: the high half of a float32.
+      array = (array.astype(np.uint32) << 16).view(np.float32)
+    out[name] = array.astype(array.dtype.newbyteorder('='), copy=False).reshape(shape)
+  del buffer
+  return out
+
+
+def _is_torchscript(path: str) -> bool:
+  """Whether a torch zip archive is TorchScript (it carries `constants.pkl` and compiled `code/`)."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      return any(n.endswith('/constants.pkl') or n == 'constants.pkl' for n in z.namelist())
+  except (zipfile.BadZipFile, OSError, ValueError):
+    return False
+
+
+def read_weights(path: str, key: Optional[str] = None) -> dict[str, np.ndarray]:
+  """{name: array} of a weight file in any format above, recognised by its content (not its name).
+
+  Args:
+    path: a `.safetensors` file, a `torch.save` file (`.bin`, `.pth`, `.pt`) or a TorchScript archive (e.g.
+      OpenAI's CLIP `ViT-L-14-336px.pt`, whose names are its module paths).
+    key: for a `torch.save` file holding a nested checkpoint, the entry to take (e.g. 'model').
+
+  Raises:
+    UserError: as the readers; `key` with a format that has no nesting.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist: give the path of a weight file (.safetensors, .bin, .pth, .pt).')
+  if is_safetensors(path):
+    if key:
+      raise UserError(f'{path} is a flat safetensors file: drop the key {key!r}.')
+    return load_safetensors(path)
+  if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if key:
+      raise UserError(f'{path} is a TorchScript archive: drop the key {key!r}.')
+    return load_torchscript_arrays(path)
+  return load_state_dict(path, key=key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts and fingerprints, for the import tools.
+
+TRANSFORMS = (None, 'linear', 'conv', 'conv1x1')
+
+
+def to_flax(array: np.ndarray, transform: Optional[str]) -> np.ndarray:
+  """A torch-layout array in Flax's layout (see the module docstring for the transforms)."""
+  if transform == 'linear':
+    return array.T
+  if transform == 'conv':
+    return array.transpose(2, 3, 1, 0)
+  if transform == 'conv1x1':
+    return array[:, :, 0, 0].T
+  if transform is not None:
+    raise ValueError(f'unknown transform {transform!r}; expected one of {TRANSFORMS}')
+  return array
+
+
+def torch_shape(shape: tuple, transform: Optional[str]) -> tuple:
+  """The torch-layout shape of a Flax-layout `shape` (for messages in the file's terms)."""
+  if transform == 'linear':
+    return tuple(shape[::-1])
+  if transform == 'conv':
+    return (shape[3], shape[2], shape[0], shape[1])
+  if transform == 'conv1x1':
+    return (shape[1], shape[0], 1, 1)
+  return tuple(shape)
+
+
+def sha256(path: str) -> tuple[str, int]:
+  """(sha256 hex digest, size in bytes) of a file, read in 16 MiB chunks (a progress bar on a terminal)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc=f'hashing {os.path.basename(path)}',
+                                   leave=False, disable=None, mininterval=1.0) as bar:
+    while chunk := f.read(1 << 24):
+      digest.update(chunk)
+      bar.update(len(chunk))
+  return digest.hexdigest(), size
