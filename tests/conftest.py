@@ -1,4 +1,14 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one persistent XLA compilation cache for the whole test session.
+
+Many tests compile the same tiny programs again (each pipeline, CLI subprocess and stage builds fresh jitted
+functions); with one cache directory shared by the session and its subprocesses (`JAX_COMPILATION_CACHE_DIR`), each
+program is compiled once per session. `FPD_JAX_TEST_CACHE=DIR` keeps the cache between sessions.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +18,21 @@ from fpd_jax.models import build
 from fpd_jax.train import distill
 from fpd_jax.train import eval_net
 from fpd_jax.train import tokenizer as tokenizer_stage
+
+
+def _share_compilation_cache() -> None:
+  # A pytest subprocess of a test (tests/multidevice) inherits its parent's cache.
+  cache = os.environ.get('FPD_JAX_TEST_CACHE') or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if not cache:
+    cache = tempfile.mkdtemp(prefix='fpd_jax_test_cache_')
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = cache  # Subprocesses (CLI runs) read it when they import jax.
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+
+_share_compilation_cache()
 
 
 def _tiny_fpd(config):

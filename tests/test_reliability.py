@@ -35,6 +35,9 @@ NUM_STEPS, CHECKPOINT_EVERY, LOG_EVERY = 200, 10, 5  # 190 steps after the first
 OVERRIDES = [f'--config.teacher.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={CHECKPOINT_EVERY}',
              f'--config.train.log_every={LOG_EVERY}']
 TIMING_KEYS = ('steps_per_sec', 'images_per_sec')
+# These runs keep their compiled programs in DIR/jax_cache (the run's own cache, which one test checks), not in
+# the test session's shared cache (conftest.py).
+_OWN_CACHE_ENV = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
 
 
 def _config():
@@ -71,7 +74,8 @@ def _start(workdir: str, log_name: str) -> tuple[subprocess.Popen, str, str]:
   with open(out, 'w') as fo, open(err, 'w') as fe:
     proc = subprocess.Popen(
         [sys.executable, '-m', 'fpd_jax.main', '--config=configs/demo.py:tiny', f'--workdir={workdir}',
-         '--config.stages=("data","tokenizer","teacher")', *OVERRIDES], cwd=ROOT, stdout=fo, stderr=fe)
+         '--config.stages=("data","tokenizer","teacher")', *OVERRIDES], cwd=ROOT, stdout=fo, stderr=fe,
+        env=_OWN_CACHE_ENV)
   return proc, out, err
 
 

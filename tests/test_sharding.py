@@ -55,10 +55,20 @@ def test_single_device_partitioner_places_batches_and_states():
   assert batch.shape == (4, 3) and batch.sharding.spec == P(sharding.BATCH_AXES)
 
 
-def test_multidevice_suite_on_8_fake_devices():
-  """Runs tests/multidevice (sharded FPD step vs one device, shardings, restore across meshes, tiny pipeline)."""
+def _multidevice_suite(*select: str) -> None:
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-o', 'addopts=',
-                         'tests/multidevice'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-o', 'addopts=', *select,
+                         'tests/multidevice'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
   assert ' passed' in proc.stdout and 'skipped' not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_multidevice_suite_on_8_fake_devices():
+  """Runs tests/multidevice but its slow tests (sharded FPD step and sampling vs one device, shardings, restore
+  across meshes) on 8 fake devices."""
+  _multidevice_suite('-m', 'not slow')
+
+
+@pytest.mark.slow  # The tiny pipeline, evaluate stage and sample CLI on 8 fake devices: minutes on 2 cores.
+def test_whole_multidevice_suite_on_8_fake_devices():
+  _multidevice_suite()

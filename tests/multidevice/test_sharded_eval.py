@@ -93,6 +93,7 @@ def tiny_run_2x4(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # A whole tiny pipeline on 8 fake devices (minutes on 2 cores).
 def test_tiny_pipeline_on_a_2x4_mesh(tiny_run_2x4):
   report = json.loads((tiny_run_2x4 / 'report.json').read_text())
   assert {'teacher_2step', 'student_1step'} <= set(report['models'])
@@ -104,6 +105,7 @@ def _model_rows(workdir) -> dict:
   return {name: {k: v for k, v in row.items() if k != 'images_per_sec'} for name, row in rows.items()}
 
 
+@pytest.mark.slow  # A whole tiny pipeline on 8 fake devices (minutes on 2 cores).
 def test_evaluate_stage_on_8_devices_equals_one_device(tiny_run_2x4):
   """The evaluate stage rerun on one device gives the report rows the 8-device run wrote."""
   spread = _model_rows(tiny_run_2x4)
@@ -115,6 +117,7 @@ def test_evaluate_stage_on_8_devices_equals_one_device(tiny_run_2x4):
   chex.assert_trees_all_close(spread, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # A whole tiny pipeline on 8 fake devices (minutes on 2 cores).
 def test_sample_cli_on_8_devices_equals_one_device(tiny_run_2x4, tmp_path):
   """13 images in batches of 6: the batches of 6 and 1 do not divide 8 devices (padded, padding dropped)."""
   files = {}
