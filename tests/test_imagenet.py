@@ -18,6 +18,7 @@ from fpd_jax.train import distill
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # Compiles the ImageNet-shaped FPD step, samplers and Inception: minutes on 2 cores.
 def test_smoke_config_runs_fpd_steps_on_cpu_and_reports_fid(tmp_path):
   """The smoke variant (tiny shapes, random weights): 3 FPD steps, then Inception FID against an images .npz."""
   workdir = tmp_path / 'smoke'
