@@ -4,6 +4,7 @@ import os
 import sys
 from typing import Callable
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -21,6 +22,21 @@ def run_user_command(fn: Callable[[], object], verbose: bool) -> None:
       raise
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+
+
+def run_tool(define_flags: Callable[[], dict[str, flags.FlagHolder]], call: Callable[[dict], object],
+             required: list[str]) -> None:
+  """The `__main__` of a tool: defines its flags (a `{name: holder}` dict with 'verbose'), marks `required`, and
+  runs `call({name: value})` as a user command (one-line errors, exit status 2)."""
+  holders = define_flags()
+  flags.mark_flags_as_required(required)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    run_user_command(lambda: call({name: h.value for name, h in holders.items()}), holders['verbose'].value)
+
+  app.run(main, flags_parser=parse_flags)
 
 
 # Set by `launch/local.sh --processes N` for each process it starts (all three, or none: then JAX detects the

@@ -26,7 +26,6 @@ import dataclasses
 import os
 import re
 
-from absl import app
 from absl import flags
 import flax
 import jax
@@ -254,18 +253,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
   }
 
 
-def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-
-  def run():
-    import_weights(holders['weights'].value, holders['layout'].value, holders['out'].value,
-                   holders['overwrite'].value, holders['key'].value)
-
-  cli.run_user_command(run, holders['verbose'].value)
+def _run(v: dict) -> None:
+  import_weights(v['weights'], v['layout'], v['out'], v['overwrite'], v['key'])
 
 
 if __name__ == '__main__':
-  _holders = _define_flags()
-  flags.mark_flags_as_required(['weights', 'layout', 'out'])
-  app.run(lambda argv: main(argv, _holders), flags_parser=cli.parse_flags)
+  cli.run_tool(_define_flags, _run, ['weights', 'layout', 'out'])

@@ -37,7 +37,6 @@ Each meta holds the sizes, the source file, its size and sha256, and the entries
 import dataclasses
 import os
 
-from absl import app
 from absl import flags
 import flax
 import jax
@@ -332,18 +331,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
   }
 
 
-def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-
-  def run():
-    import_weights(holders['out'].value, holders['generator'].value, holders['tokenizer'].value,
-                   holders['clip'].value, holders['overwrite'].value)
-
-  cli.run_user_command(run, holders['verbose'].value)
+def _run(v: dict) -> None:
+  import_weights(v['out'], v['generator'], v['tokenizer'], v['clip'], v['overwrite'])
 
 
 if __name__ == '__main__':
-  _holders = _define_flags()
-  flags.mark_flags_as_required(['out'])
-  app.run(lambda argv: main(argv, _holders), flags_parser=cli.parse_flags)
+  cli.run_tool(_define_flags, _run, ['out'])

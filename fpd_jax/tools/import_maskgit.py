@@ -23,7 +23,6 @@ import hashlib
 import os
 from typing import Any
 
-from absl import app
 from absl import flags
 import flax
 import jax
@@ -227,24 +226,15 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
   }
 
 
-def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-
-  def run():
-    check_sources(holders['transformer'].value, holders['tokenizer'].value)  # Before the (slower) config.
-    try:
-      config = holders['config'].value
-      config.keys()  # A config file that failed to load raises only when used.
-    except OSError as e:
-      raise UserError(f'cannot load the config ({str(e).strip().splitlines()[-1].strip()}); pass --config=FILE.') from e
-    import_checkpoints(config, holders['out'].value, holders['transformer'].value, holders['tokenizer'].value,
-                       holders['overwrite'].value)
-
-  cli.run_user_command(run, holders['verbose'].value)
+def _run(v: dict) -> None:
+  check_sources(v['transformer'], v['tokenizer'])  # Before the (slower) config.
+  try:
+    config = v['config']
+    config.keys()  # A config file that failed to load raises only when used.
+  except OSError as e:
+    raise UserError(f'cannot load the config ({str(e).strip().splitlines()[-1].strip()}); pass --config=FILE.') from e
+  import_checkpoints(config, v['out'], v['transformer'], v['tokenizer'], v['overwrite'])
 
 
 if __name__ == '__main__':
-  _holders = _define_flags()
-  flags.mark_flags_as_required(['out'])
-  app.run(lambda argv: main(argv, _holders), flags_parser=cli.parse_flags)
+  cli.run_tool(_define_flags, _run, ['out'])
