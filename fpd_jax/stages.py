@@ -49,22 +49,34 @@ STAGES = {
     'evaluate': evaluate.run,
 }
 
-# The stages each stage reads (those of them in `config.stages` must be done first). A stage not listed here, and
-# `evaluate`, waits for every stage before it in `config.stages`.
+# The stages each stage reads, per `config.task` (those of them in `config.stages` must be done first). A stage not
+# listed here, `evaluate`, and every stage of another task wait for every stage before them in `config.stages`.
 DEPENDS_ON = {
-    'data': (),
-    'tokenizer': ('data',),
-    'teacher': ('data', 'tokenizer'),
-    'eval_net': ('data',),
-    'feature_net': ('data',),
-    'distill': ('data', 'tokenizer', 'teacher', 'feature_net'),
+    'class': {
+        'data': (),
+        'tokenizer': ('data',),
+        'teacher': ('data', 'tokenizer'),
+        'eval_net': ('data',),
+        'feature_net': ('data',),
+        'distill': ('data', 'tokenizer', 'teacher', 'feature_net'),
+    },
+    't2i': {  # The text-to-image demo (fpd_jax/train/t2i.py): the teacher also reads the frozen text encoder.
+        'data': (),
+        'tokenizer': ('data',),
+        'text_encoder': ('data',),
+        'teacher': ('data', 'tokenizer', 'text_encoder'),
+        'eval_net': ('data',),
+        'feature_net': ('data',),
+        'distill': ('data', 'tokenizer', 'text_encoder', 'teacher', 'feature_net'),
+    },
 }
 
 
 def dependencies(name: str, stages: tuple[str, ...], task: str = 'class') -> tuple[str, ...]:
-  """The stages of `stages` that stage `name` must wait for (the text-to-image pipeline runs them in order)."""
-  if task == 'class' and name in DEPENDS_ON:
-    return tuple(s for s in DEPENDS_ON[name] if s in stages)
+  """The stages of `stages` that stage `name` must wait for (all earlier ones unless `DEPENDS_ON` says less)."""
+  reads = DEPENDS_ON.get(task, {})
+  if name in reads:
+    return tuple(s for s in reads[name] if s in stages)
   return tuple(stages[:stages.index(name)])
 
 

@@ -261,3 +261,14 @@ def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):
                         (f'--prompts_file={tmp_path / "empty.txt"}', 'is empty; write one prompt a line')]:
     res = _cli('fpd_jax.sample', f'--workdir={workdir}', '--model=student', flag, f'--out={out}')
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_t2i_stage_dependencies_let_independent_stages_overlap():
+  order = tuple(t2i_demo.get_config().stages)
+  assert stages.dependencies('text_encoder', order, 't2i') == ('data',)
+  assert stages.dependencies('teacher', order, 't2i') == ('data', 'tokenizer', 'text_encoder')
+  assert stages.dependencies('eval_net', order, 't2i') == ('data',)
+  assert 'text_encoder' in stages.dependencies('distill', order, 't2i')
+  assert stages.dependencies('evaluate', order, 't2i') == order[:-1]
+  # A task without a table (the released-MaskGen pipeline) runs its stages in order.
+  assert stages.dependencies('distill', ('data', 'teacher', 'distill'), 'maskgen') == ('data', 'teacher')
