@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from configs import t2i
+from fpd_jax import sharding
 from fpd_jax import stages
 from fpd_jax.errors import UserError
+from fpd_jax.tools import compile_report
+from fpd_jax.train import distill
 from fpd_jax.train import maskgen as maskgen_stage
 
 VOCAB = pathlib.Path(__file__).parent / 'fixtures' / 'maskgen_tiny' / 'bpe_simple_vocab_16e6.txt.gz'
@@ -59,3 +62,11 @@ def test_smoke_checks_name_the_fix(tmp_path):
   config.tokenizer.num_tokens = 4
   with pytest.raises(UserError, match='num_tokens'):
     stages.validate(config)
+
+
+@pytest.mark.slow  # Compiles the smoke FPD step once more (~40 s on 2 cores) besides the smoke run's compile.
+def test_compile_report_of_the_smoke_step(tmp_path):
+  config = distill.with_random_weights(_config(tmp_path))
+  assert config.text_encoder.pretrained == 'random'
+  row = compile_report.compile_step(config, 4, sharding.Partitioner.from_config(config))
+  assert row['flops_per_step'] > 0 and row['temporaries_gib'] > 0 and row['arguments_gib'] > 0

@@ -2,6 +2,7 @@ r"""Compiles the configured distill step (FPD or Di[M]O: `distill.method`) witho
 
   python -m fpd_jax.tools.compile_report --config=configs/imagenet.py:gpu
   python -m fpd_jax.tools.compile_report --config=configs/imagenet.py:gpu --config.mesh.fsdp=8 --batch_sizes=32,64
+  python -m fpd_jax.tools.compile_report --config=configs/t2i.py --batch_sizes=32,64   # MaskGen-L text-to-image
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m fpd_jax.tools.compile_report \
       --config=configs/imagenet.py --config.mesh.fsdp=8 --batch_sizes=64,128   # a v5e-8-sized mesh, on a CPU
 
@@ -25,6 +26,7 @@ from fpd_jax import cli
 from fpd_jax import sharding
 from fpd_jax.errors import UserError
 from fpd_jax.train import distill
+from fpd_jax.train import maskgen as maskgen_stage
 
 GIB = 2 ** 30
 
@@ -42,9 +44,10 @@ def compile_step(config, batch_size: int, partitioner: sharding.Partitioner, fro
     raise UserError(f'batch size {batch_size} is not divisible by the {partitioner.data_parallel} devices the batch '
                     'is split over.')
   cfg.groups_per_batch = batch_size // cfg.samples_per_group
-  train = distill.trainer(config)
+  pipeline = maskgen_stage if config.get('task') == 'maskgen' else distill  # The released text-to-image teacher.
+  train = pipeline.trainer(config)
   if frozen is None:
-    frozen = jax.eval_shape(lambda: distill.load_frozen_params(config, workdir=''))
+    frozen = jax.eval_shape(lambda: pipeline.load_frozen_params(config, workdir=''))
   frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
   state = jax.eval_shape(train.init_state, frozen['teacher'])
   state, frozen = partitioner.abstract(state), partitioner.abstract(frozen)

@@ -156,6 +156,8 @@ def with_random_weights(config):
     config.tokenizer.pretrained = 'random'
     if 'dino' in config:
       config.dino.weights = 'random'
+    if 'pretrained' in config.get('text_encoder', {}):  # The released text-to-image teacher's CLIP text tower.
+      config.text_encoder.pretrained = 'random'
   return config
 
 
@@ -330,9 +332,10 @@ def dimo_trainer(config) -> Trainer:
 
 
 def example_batch(config) -> dict:
-  """The global batch of step 0 as ShapeDtypeStructs (labels, and real images with the GAN)."""
+  """The global batch of step 0 as ShapeDtypeStructs (labels or caption ids, and real images with the GAN)."""
   b, size = batch_size(config.distill), config.data.image_size
-  batch = {'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
+  text = config.get('text_encoder')
+  batch = {'label': jax.ShapeDtypeStruct((b, text.context_length) if text else (b,), jnp.int32)}
   if config.distill.gan.enabled:
     batch['image'] = jax.ShapeDtypeStruct((b, size, size, config.data.channels), jnp.float32)
   return batch

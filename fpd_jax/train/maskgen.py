@@ -124,18 +124,29 @@ def validate(config) -> None:
                     f'{config.tokenizer.num_tokens}; the generator writes the tokens the decoder reads.')
 
 
+def load_frozen_params(config, workdir: str) -> dict:
+  """The frozen parameters of the FPD step: {'teacher', 'tokenizer': {'decoder', 'text_encoder'}, 'features'}."""
+  text_params = load_text_params(config, workdir)
+  return {'teacher': load_teacher_params(config, teacher_model(config, text_params), workdir),
+          'tokenizer': {'decoder': load_decoder_params(config, workdir), 'text_encoder': text_params},
+          'features': distill_stage.load_feature_params(config, workdir)}
+
+
+def trainer(config) -> distill_stage.Trainer:
+  """The FPD step and initial state in `distill.compute_dtype`; the step reads the text tower's parameters from
+  its frozen inputs (`frozen['tokenizer']['text_encoder']`), so nothing is loaded here (compile reports use it)."""
+  dtype = jnp.dtype(config.distill.get('compute_dtype', 'float32'))
+  return distill_stage.trainer(config, teacher=teacher_model(config, None, dtype),
+                               tokenizer=tokenizer_model(config, dtype), num_tokens=config.teacher.num_tokens)
+
+
 def run_distill(config, workdir: str) -> dict:
   """FPD of the released MaskGen teacher; exports the EMA student + decoder + text tower to DIR/distill/export."""
   validate(config)
   cfg = config.distill
-  dtype = jnp.dtype(cfg.get('compute_dtype', 'float32'))
-  text_params = load_text_params(config, workdir)
-  teacher = teacher_model(config, text_params, dtype)
-  frozen = {'teacher': load_teacher_params(config, teacher_model(config, text_params), workdir),
-            'tokenizer': {'decoder': load_decoder_params(config, workdir), 'text_encoder': text_params},
-            'features': distill_stage.load_feature_params(config, workdir)}
-  train = distill_stage.trainer(config, teacher=teacher, tokenizer=tokenizer_model(config, dtype),
-                                num_tokens=config.teacher.num_tokens)
+  frozen = load_frozen_params(config, workdir)
+  text_params = frozen['tokenizer']['text_encoder']
+  train = trainer(config)
   ids = text_tokenizer(config).encode(read_prompts(config))
   seed = distill_stage.distill_seed(config)
   batch_fn = lambda s: {'label': sharding.host_rows(prompt_batch(ids, seed + 5, s, cfg.groups_per_batch,
