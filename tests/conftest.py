@@ -41,11 +41,16 @@ def _tiny_fpd(config):
   grid = build.token_grid(config)
   keys = jax.random.split(jax.random.key(0), 3)
   net = eval_net.build_net(config.feature_net, config.data.num_classes)
-  frozen = {
-      'teacher': models.teacher.init(keys[0], grid * grid, jnp.zeros((1,), jnp.int32))['params'],
-      'tokenizer': tokenizer_stage.init_params(config, keys[1]),
-      'features': eval_net.init_params(net, config, keys[2]),
-  }
+
+  @jax.jit  # One compiled program instead of every initializer op compiled on its own.
+  def init(keys):
+    return {
+        'teacher': models.teacher.init(keys[0], grid * grid, jnp.zeros((1,), jnp.int32))['params'],
+        'tokenizer': tokenizer_stage.init_params(config, keys[1]),
+        'features': eval_net.init_params(net, config, keys[2]),
+    }
+
+  frozen = init(keys)
   labels = jnp.asarray(distill.condition_batch(0, 0, config.data.num_classes, config.distill))
   return models, frozen, labels
 

@@ -35,7 +35,7 @@ def setup(tiny_fpd):
   train = distill.trainer(config)
   # A teacher and an auxiliary model that differ, so that the gap is far from zero.
   key = jax.random.key(7)
-  aux = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(key, p.shape), frozen['teacher'])
+  aux = jax.jit(lambda t: jax.tree.map(lambda p: p + 0.05 * jax.random.normal(key, p.shape), t))(frozen['teacher'])
   return config, train, {'teacher': frozen['teacher'], 'tokenizer': frozen['tokenizer']}, aux, labels
 
 
@@ -50,31 +50,39 @@ def test_student_gradient_wrt_logits_is_the_score_gap_on_remasked_positions(setu
   def logits_of(params):
     return dimo.draft(model, params, labels, draft_rng, n, cfg)[0]
 
-  logits, tokens = dimo.draft(model, student, labels, draft_rng, n, cfg)
-  corrupted, mask = mask_schedule.mask_tokens(mask_rng, tokens, model.mask_id, cfg.remask_schedule)
+  # Compiled whole (run op by op, every op of the model and its gradient compiles on its own).
+  @jax.jit
+  def gradients(student, teacher, aux):
+    logits, tokens = dimo.draft(model, student, labels, draft_rng, n, cfg)
+    corrupted, mask = mask_schedule.mask_tokens(mask_rng, tokens, model.mask_id, cfg.remask_schedule)
+    p_teacher = jax.nn.softmax(model.guided_logits(teacher, corrupted, labels, cfg.teacher_cfg_scale), -1)
+    p_aux = jax.nn.softmax(model.guided_logits(aux, corrupted, labels, cfg.aux_cfg_scale), -1)
+    # The loss's gradient with respect to the logits.
+    gap = dimo.score_gap(model, teacher, aux, corrupted, mask, labels, cfg)
+    dlogits = jax.grad(dimo.distribution_matching_loss)(logits, gap)
+    # The student's parameter gradient, end to end.
+    grads = jax.grad(lambda p: dimo.student_loss(p, aux, teacher, model, labels, rng, n, cfg)[0])(student)
+    return mask, p_aux - p_teacher, dlogits, grads
+
+  mask, p_gap, dlogits, grads = gradients(student, frozen['teacher'], aux)
   assert 0 < int(mask.sum()) < mask.size
-  p_teacher = jax.nn.softmax(model.guided_logits(frozen['teacher'], corrupted, labels, cfg.teacher_cfg_scale), -1)
-  p_aux = jax.nn.softmax(model.guided_logits(aux, corrupted, labels, cfg.aux_cfg_scale), -1)
-  expected = np.where(np.asarray(mask)[..., None], np.asarray(p_aux - p_teacher), 0.0) / labels.shape[0]
+  expected = np.where(np.asarray(mask)[..., None], np.asarray(p_gap), 0.0) / labels.shape[0]
   assert np.abs(expected).max() > 1e-4  # Not trivially zero.
   # The loss's gradient with respect to the logits is exactly the scaled gap.
-  gap = dimo.score_gap(model, frozen['teacher'], aux, corrupted, mask, labels, cfg)
-  dlogits = jax.grad(dimo.distribution_matching_loss)(logits, gap)
   np.testing.assert_allclose(dlogits, expected, atol=1e-7)
   np.testing.assert_array_equal(np.asarray(dlogits)[~np.asarray(mask)], 0.0)
   # End to end: the student's parameter gradient is the logits' VJP with that cotangent.
-  grads = jax.grad(lambda p: dimo.student_loss(p, aux, frozen['teacher'], model, labels, rng, n, cfg)[0])(student)
-  _, vjp = jax.vjp(logits_of, student)
-  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(vjp(jnp.asarray(expected, jnp.float32))[0])):
+  vjp = jax.jit(lambda params, cotangent: jax.vjp(logits_of, params)[1](cotangent)[0])
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(vjp(student, jnp.asarray(expected, jnp.float32)))):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)  # float32 sums in another order.
 
 
 def test_teacher_and_aux_get_no_gradient_from_the_student_loss(setup):
   config, train, frozen, aux, labels = setup
   model, n = train.models.teacher, train.models.grid ** 2
-  g_student, g_aux, g_teacher = jax.grad(
+  g_student, g_aux, g_teacher = jax.jit(jax.grad(
       lambda s, a, t: dimo.student_loss(s, a, t, model, labels, jax.random.key(4), n, config.distill.dimo)[0],
-      argnums=(0, 1, 2))(frozen['teacher'], aux, frozen['teacher'])
+      argnums=(0, 1, 2)))(frozen['teacher'], aux, frozen['teacher'])
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_student)) > 0
   for name, grads in (('aux', g_aux), ('teacher', g_teacher)):
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads)), name
@@ -83,9 +91,9 @@ def test_teacher_and_aux_get_no_gradient_from_the_student_loss(setup):
 def test_aux_update_changes_only_the_aux_model(setup):
   config, train, frozen, aux, labels = setup
   model, n = train.models.teacher, train.models.grid ** 2
-  g_aux, g_student = jax.grad(
+  g_aux, g_student = jax.jit(jax.grad(
       lambda a, s: dimo.aux_loss(a, s, model, labels, jax.random.key(5), n, config.distill.dimo)[0],
-      argnums=(0, 1))(aux, frozen['teacher'])
+      argnums=(0, 1)))(aux, frozen['teacher'])
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_aux)) > 0
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_student))
 
@@ -123,20 +131,27 @@ def test_embedding_noise_perturbs_image_tokens_only(setup):
   _, train, frozen, _, labels = setup
   model, n = train.models.teacher, train.models.grid ** 2
   tokens = sampling.student_input(jax.random.key(0), labels.shape[0], n, model.codebook_size, model.mask_id, 0.6)
-  plain = model.logits(frozen['teacher'], tokens, labels)
-  np.testing.assert_allclose(model.logits(frozen['teacher'], tokens, labels, embedding_noise=0.0), plain)
-  noisy = model.logits(frozen['teacher'], tokens, labels, embedding_noise=0.3, noise_rng=jax.random.key(1))
-  again = model.logits(frozen['teacher'], tokens, labels, embedding_noise=0.3, noise_rng=jax.random.key(1))
-  np.testing.assert_array_equal(noisy, again)
-  assert float(jnp.abs(noisy - plain).max()) > 1e-3
-  # The embedding layer's output: the condition position is untouched, every image position is perturbed.
   t = model.transformer
   embed = maskgit.Embed(t.vocab_size, t.hidden_size, t.max_position_embeddings, t.dropout)
   ids = model.conditioner.sequence(labels, tokens)
-  variables = {'params': frozen['teacher']['Embed_0']}
-  clean = embed.apply(variables, ids, True)
   prefix = ids.shape[1] - n
-  perturbed = embed.apply(variables, ids, True, 0.3, prefix, rngs={'embedding_noise': jax.random.key(2)})
+
+  @jax.jit  # The forwards in one compiled program (run op by op, every op compiles on its own).
+  def forwards(params, noise_rng, embed_rng):
+    plain = model.logits(params, tokens, labels)
+    zero_noise = model.logits(params, tokens, labels, embedding_noise=0.0)
+    noisy = model.logits(params, tokens, labels, embedding_noise=0.3, noise_rng=noise_rng)
+    variables = {'params': params['Embed_0']}
+    clean = embed.apply(variables, ids, True)
+    perturbed = embed.apply(variables, ids, True, 0.3, prefix, rngs={'embedding_noise': embed_rng})
+    return plain, zero_noise, noisy, clean, perturbed
+
+  plain, zero_noise, noisy, clean, perturbed = forwards(frozen['teacher'], jax.random.key(1), jax.random.key(2))
+  np.testing.assert_allclose(zero_noise, plain)
+  again = forwards(frozen['teacher'], jax.random.key(1), jax.random.key(2))[2]  # Another call, the same key.
+  np.testing.assert_array_equal(noisy, again)
+  assert float(jnp.abs(noisy - plain).max()) > 1e-3
+  # The embedding layer's output: the condition position is untouched, every image position is perturbed.
   np.testing.assert_array_equal(perturbed[:, :prefix], clean[:, :prefix])
   assert float(jnp.abs(perturbed[:, prefix:] - clean[:, prefix:]).min(axis=-1).min()) > 0
 
