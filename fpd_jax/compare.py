@@ -11,6 +11,7 @@ distill stage's randomness changes, the teacher is the same) it trains a student
 - budget `steps`: `config.distill.num_steps` student steps for both methods;
 - budget `time`: the slower method's wall-clock of those steps (seconds/step measured on the `steps` runs, mean
   over seeds) given to the faster method as more steps; the slower method's `time` run is its `steps` run (a link).
+  Di[M]O's schedule is constant after warmup, so its `time` run continues its `steps` run (`CONTINUABLE`).
 
 Finished runs are skipped (rerunning resumes). Every student is measured by the project's evaluator (FD, accuracy,
 precision, recall of `config.evaluate.num_samples` samples); EMA snapshots taken every
@@ -26,6 +27,7 @@ and the table reports `--seeds` with it (runs `<method>_tune<i>_seed<s>`, then `
 import ast
 import json
 import os
+import shutil
 import time
 
 from absl import app
@@ -53,6 +55,10 @@ METHODS = ('fpd', 'dimo')
 BUDGETS = ('steps', 'time')
 METRICS = ('fd', 'accuracy', 'precision', 'recall')
 MAX_SETTINGS = 4
+# Methods whose learning-rate schedule does not depend on num_steps once the warmup fits in it (Di[M]O: constant
+# after warmup), so a longer run is its shorter run continued: the `time` run resumes the `steps` run's last
+# checkpoint (same batches and keys per step, the loop's exact resume) instead of training those steps again.
+CONTINUABLE = ('dimo',)
 
 
 def parse_setting(text: str) -> dict:
@@ -186,6 +192,18 @@ class Comparison:
     return {k: row[k] for k in METRICS}
 
 
+def continue_run(root: str, shorter: str, longer: str) -> None:
+  """Starts run `root/longer` as a copy of the finished run `root/shorter` (checkpoints, snapshots, metrics, not its
+  export or results), so that `Comparison.train` resumes it at its last step; a no-op when `longer` exists."""
+  src, dst = os.path.join(root, shorter), os.path.join(root, longer)
+  if os.path.lexists(dst):
+    return
+  tmp = dst + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp, ignore=shutil.ignore_patterns('done.json', 'eval.json', 'export', 'export_meta.json'))
+  os.replace(tmp, dst)
+
+
 def _seconds_at(seconds: dict, step: int) -> float:
   """Training seconds at `step` (linear between logged steps)."""
   known = sorted(seconds)
@@ -263,6 +281,9 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
         runs[(method, 'time', seed)] = runs[(method, 'steps', seed)]
         continue
       cfg = method_config(config, method, chosen[method][1], seed, time_budget['steps'][method])
+      if method in CONTINUABLE and cfg.distill.dimo.warmup_steps < config.distill.num_steps:
+        # Its `steps` run is the first num_steps of this one: train only the rest.
+        continue_run(comp.root, name(method, 'steps', seed), name(method, 'time', seed))
       runs[(method, 'time', seed)] = (cfg, comp.train(name(method, 'time', seed), cfg))
   # Measurements.
   evals = {key: comp.evaluate(name(*key), cfg, summary) for key, (cfg, summary) in runs.items()}

@@ -6,12 +6,15 @@ import subprocess
 import sys
 
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 
 from configs import demo
 from fpd_jax import compare
 from fpd_jax.errors import UserError
+from fpd_jax.train import distill
+from fpd_jax.train import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +80,34 @@ def test_bad_seeds_get_one_line_error(tmp_path):
                           timeout=300)
   assert result.returncode == 2 and result.stderr.strip().count('\n') == 0, result.stderr
   assert 'seeds must be integers' in result.stderr
+
+
+def test_dimo_updates_do_not_depend_on_num_steps_so_its_time_run_continues_its_steps_run(tmp_path):
+  config = demo.get_config('tiny')
+  grads = {'w': np.asarray([0.5, -1.0, 2.0], np.float32)}
+
+  def params_after(method, num_steps, steps=25):  # Past the warmup (20 steps), which must fit in the shorter run.
+    cfg = compare.method_config(config, method, {}, 0, num_steps=num_steps)
+    tx = distill.dimo_optimizers(cfg)[0] if method == 'dimo' else optim.make_optimizer(cfg.distill, 1.0)
+    params = {'w': np.ones(3, np.float32)}
+    state = tx.init(params)
+    for _ in range(steps):
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return np.asarray(params['w'])
+
+  assert compare.CONTINUABLE == ('dimo',)
+  np.testing.assert_array_equal(params_after('dimo', 25), params_after('dimo', 250))
+  assert not np.array_equal(params_after('fpd', 25), params_after('fpd', 250))  # Cosine: FPD trains afresh.
+  # The continued run starts with the shorter run's checkpoints, snapshots and metrics, not its results.
+  short = tmp_path / 'dimo_steps_seed3'
+  for sub in ('checkpoints/6', 'snapshots/3', 'export'):
+    (short / sub).mkdir(parents=True)
+  for f in ('metrics.jsonl', 'done.json', 'eval.json', 'export_meta.json'):
+    (short / f).write_text('{}')
+  compare.continue_run(str(tmp_path), 'dimo_steps_seed3', 'dimo_time_seed3')
+  copied = {str(p.relative_to(tmp_path / 'dimo_time_seed3')) for p in (tmp_path / 'dimo_time_seed3').rglob('*')}
+  assert copied == {'checkpoints', 'checkpoints/6', 'snapshots', 'snapshots/3', 'metrics.jsonl'}
+  (short / 'metrics.jsonl').write_text('changed')
+  compare.continue_run(str(tmp_path), 'dimo_steps_seed3', 'dimo_time_seed3')  # Exists: left as it is.
+  assert (tmp_path / 'dimo_time_seed3' / 'metrics.jsonl').read_text() == '{}'
