@@ -64,11 +64,13 @@ def _multidevice_suite(*select: str) -> None:
 
 
 def test_multidevice_suite_on_8_fake_devices():
-  """Runs tests/multidevice but its slow tests (sharded FPD step and sampling vs one device, shardings, restore
-  across meshes) on 8 fake devices."""
+  """Runs tests/multidevice but its slow tests on 8 fake devices: the core checks, an FPD step on a 2x4 mesh equals
+  the 1-device step (and shards the student's parameters and Adam states as the rules say), and images sampled on 8
+  devices equal those of one device (and rows padded to the device count gather back)."""
   _multidevice_suite('-m', 'not slow')
 
 
-@pytest.mark.slow  # The tiny pipeline, evaluate stage and sample CLI on 8 fake devices: minutes on 2 cores.
+@pytest.mark.slow  # Minutes on 2 cores: the tiny pipeline, evaluate stage and sample CLI on 8 fake devices, and
+# checkpoint restore across meshes, sampling on 3 devices and Inception activations on 8 devices.
 def test_whole_multidevice_suite_on_8_fake_devices():
   _multidevice_suite()

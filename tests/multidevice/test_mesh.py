@@ -90,6 +90,7 @@ def test_student_parameters_and_optimizer_state_are_sharded(fpd_setup):
   assert state['params']['Embed_0']['embeddings_ln']['scale'].sharding.is_fully_replicated
 
 
+@pytest.mark.slow  # Three more meshes to place and restore (~12 s on 2 cores): the slow suite.
 def test_checkpoint_restores_across_meshes(tmp_path, fpd_setup):
   config = fpd_setup[0]
   written, _ = _one_step(_partitioner(config, 2, 4), fpd_setup)

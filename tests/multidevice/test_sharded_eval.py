@@ -47,7 +47,8 @@ def generators(tiny_fpd):
   return make
 
 
-@pytest.mark.parametrize('num_devices', [8, 3])
+# 3 devices (batches that do not divide the devices) compile the samplers again (~14 s on 2 cores): the slow suite.
+@pytest.mark.parametrize('num_devices', [8, pytest.param(3, marks=pytest.mark.slow)])
 def test_sampled_images_equal_one_device(generators, num_devices):
   """13 labels in batches of 6 (6, 6, 1): padded to multiples of 8 (or 3), the padding dropped."""
   labels = np.arange(13, dtype=np.int32) % 10
@@ -67,6 +68,7 @@ def test_rows_pads_to_the_device_count_and_gather_returns_every_row():
   np.testing.assert_array_equal(partitioner.gather(placed)['label'], np.r_[np.arange(13), [12, 12, 12]])
 
 
+@pytest.mark.slow  # Compiles InceptionV3 for one and for 8 devices (~26 s on 2 cores): the slow suite.
 def test_inception_activations_on_8_devices_equal_one_device():
   params = inception.load_params()
   images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
