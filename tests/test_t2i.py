@@ -31,7 +31,7 @@ def _text_tower(**kw):
   net = clip_text.TextTransformer(vocab_size=TOK.vocab_size, context_length=12, width=16, num_layers=3, num_heads=2,
                                   embed_dim=8, **kw)
   ids = TOK.encode(['a red three to the left of a blue seven', 'two nines'])
-  return net, net.init(jax.random.key(0), ids)['params'], ids
+  return net, jax.jit(net.init)(jax.random.key(0), ids)['params'], ids
 
 
 # ---- tokenizer and data
@@ -84,16 +84,17 @@ def test_training_captions_avoid_held_out_combinations_and_layouts_match():
 
 def test_text_encoder_is_causal_and_pools_the_eot_token():
   net, params, ids = _text_tower(state_layer=-1)
-  states, pooled = net.apply({'params': params}, ids)
+  apply = jax.jit(net.apply)  # Three calls, one compiled program.
+  states, pooled = apply({'params': params}, ids)
   assert states.shape == (2, 12, 16) and pooled.shape == (2, 8)
   changed = ids.copy()
   changed[0, 5] = TOK.vocabulary.index('green')  # A later token.
-  states2, pooled2 = net.apply({'params': params}, changed)
+  states2, pooled2 = apply({'params': params}, changed)
   np.testing.assert_allclose(states2[0, :5], states[0, :5], atol=1e-6)  # Earlier states do not see it.
   assert not np.allclose(states2[0, 5:], states[0, 5:]) and not np.allclose(pooled2[0], pooled[0])
   padded = ids.copy()
   padded[1, 5:] = 7  # Tokens after <eos> (at 3) change neither the pooled vector ...
-  np.testing.assert_allclose(net.apply({'params': params}, padded)[1][1], pooled[1], atol=1e-6)
+  np.testing.assert_allclose(apply({'params': params}, padded)[1][1], pooled[1], atol=1e-6)
   # ... which is ln_final(last states)[argmax(ids)] @ text_projection.
   eot = np.argmax(ids, -1)
   x = states[np.arange(2), eot]
@@ -119,8 +120,9 @@ def test_joint_block_shapes_and_adaln_zero_identity_at_init():
                                                      [(2, 16, 32), (2, 12, 32), (2, 32)]))
   for pre_only in (False, True):
     block = maskgen.JointBlock(32, 4, context_pre_only=pre_only)
-    params = block.init(jax.random.key(1), x, c, y)['params']
-    c_out, x_out = block.apply({'params': params}, x, c, y)
+    params = jax.jit(block.init)(jax.random.key(1), x, c, y)['params']
+    apply = jax.jit(block.apply)  # Two calls, one compiled program.
+    c_out, x_out = apply({'params': params}, x, c, y)
     np.testing.assert_allclose(x_out, x, atol=1e-6)  # Gates are zero at init: identity.
     if pre_only:
       assert c_out is None
@@ -128,7 +130,7 @@ def test_joint_block_shapes_and_adaln_zero_identity_at_init():
       np.testing.assert_allclose(c_out, c, atol=1e-6)
     # Non-zero modulation makes the block act on both streams (the identity above is not vacuous).
     params = jax.tree.map(lambda p: p + 0.05, params)
-    c_out, x_out = block.apply({'params': params}, x, c, y)
+    c_out, x_out = apply({'params': params}, x, c, y)
     assert x_out.shape == x.shape and not np.allclose(x_out, x)
     assert pre_only or (c_out.shape == c.shape and not np.allclose(c_out, c))
 
@@ -139,18 +141,26 @@ def test_maskgen_model_interface_and_tied_head():
   net = maskgen.MaskGenTransformer(codebook_size=16, num_tokens=64, hidden_size=32, num_layers=2, num_heads=2,
                                    micro_condition_dim=8)
   model = maskgen.MaskGenModel(net, conditioner, text, text_params)
-  params = model.init(jax.random.key(1), 64, ids)['params']
+  params = jax.jit(lambda rng: model.init(rng, 64, ids))(jax.random.key(1))['params']
   assert params['embeddings'].shape == (17, 32) and model.mask_id == 16  # K codes + the mask token, no head bias.
   assert 'context_pre_only' not in str(params) and 'norm1_context' in params['blocks_1']
   assert params['blocks_1']['norm1_context']['kernel'].shape[-1] == 2 * 32  # Last block: AdaLN-Continuous.
   tokens = jnp.full((2, 64), model.mask_id)
-  logits = model.logits(params, tokens, ids)
+
+  @jax.jit  # The forwards and the decode in one compiled program (run op by op, every op compiles on its own).
+  def outputs(params):
+    logits = model.logits(params, tokens, ids)
+    null = model.logits(params, tokens, conditioner.null(jnp.asarray(ids)))
+    guided = [model.guided_logits(params, tokens, ids, w) for w in (0.0, 2.0)]
+    out = sampling.iterative_decode(model, params, ids, jax.random.key(2), num_tokens=64, num_steps=3,
+                                    cfg_scale=2.0, cfg_schedule='cosine', temperature=1.3, temperature_end=0.5,
+                                    schedule='arccos')
+    return logits, null, guided, out
+
+  logits, null, guided, out = outputs(params)
   assert logits.shape == (2, 64, 16)
-  null = model.logits(params, tokens, conditioner.null(jnp.asarray(ids)))
-  for w in (0.0, 2.0):
-    np.testing.assert_allclose(model.guided_logits(params, tokens, ids, w), (1 + w) * logits - w * null, atol=1e-4)
-  out = sampling.iterative_decode(model, params, ids, jax.random.key(2), num_tokens=64, num_steps=3, cfg_scale=2.0,
-                                  cfg_schedule='cosine', temperature=1.3, temperature_end=0.5, schedule='arccos')
+  for w, guided_w in zip((0.0, 2.0), guided):
+    np.testing.assert_allclose(guided_w, (1 + w) * logits - w * null, atol=1e-4)
   assert out.shape == (2, 64) and np.all((out >= 0) & (out < 16))
 
 
