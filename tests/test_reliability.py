@@ -35,8 +35,9 @@ NUM_STEPS, CHECKPOINT_EVERY, LOG_EVERY = 200, 10, 5  # 190 steps after the first
 OVERRIDES = [f'--config.teacher.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={CHECKPOINT_EVERY}',
              f'--config.train.log_every={LOG_EVERY}']
 TIMING_KEYS = ('steps_per_sec', 'images_per_sec')
-# These runs keep their compiled programs in DIR/jax_cache (the run's own cache, which one test checks), not in
-# the test session's shared cache (conftest.py).
+# The SIGKILL test's runs keep their compiled programs in DIR/jax_cache (the run's own cache, which it checks), not
+# in the test session's shared cache (conftest.py); the SIGTERM test's runs read the shared cache (the `reference`
+# fixture compiled the same teacher step there).
 _OWN_CACHE_ENV = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
 
 
@@ -68,20 +69,23 @@ def reference(tmp_path_factory):
   return inputs, clean
 
 
-def _start(workdir: str, log_name: str) -> tuple[subprocess.Popen, str, str]:
-  """Starts the data, tokenizer and teacher stages in a subprocess; output goes to files (never a full pipe)."""
+def _start(workdir: str, log_name: str, own_cache: bool = True) -> tuple[subprocess.Popen, str, str]:
+  """Starts the data, tokenizer and teacher stages in a subprocess; output goes to files (never a full pipe).
+
+  `own_cache`: the run compiles into DIR/jax_cache; else it reads and writes the test session's cache.
+  """
   out, err = os.path.join(workdir, f'{log_name}.out'), os.path.join(workdir, f'{log_name}.err')
   with open(out, 'w') as fo, open(err, 'w') as fe:
     proc = subprocess.Popen(
         [sys.executable, '-m', 'fpd_jax.main', '--config=configs/demo.py:tiny', f'--workdir={workdir}',
          '--config.stages=("data","tokenizer","teacher")', *OVERRIDES], cwd=ROOT, stdout=fo, stderr=fe,
-        env=_OWN_CACHE_ENV)
+        env=_OWN_CACHE_ENV if own_cache else os.environ)
   return proc, out, err
 
 
-def _run(workdir: str, log_name: str) -> tuple[int, str, str]:
+def _run(workdir: str, log_name: str, own_cache: bool = True) -> tuple[int, str, str]:
   """Runs the stages in a subprocess to the end; (exit status, stdout, stderr)."""
-  proc, out, err = _start(workdir, log_name)
+  proc, out, err = _start(workdir, log_name, own_cache)
   proc.wait(timeout=300)
   return proc.returncode, open(out).read(), open(err).read()
 
@@ -150,7 +154,7 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_run(reference
 def test_sigterm_saves_current_step_and_rerun_resumes_there(reference, tmp_path):
   inputs, clean = reference
   workdir = _copy_inputs(inputs, str(tmp_path / 'w'))
-  proc, _, err = _start(workdir, 'terminated')
+  proc, _, err = _start(workdir, 'terminated', own_cache=False)
   try:
     _wait_for_checkpoint(proc, workdir, err)
     proc.send_signal(signal.SIGTERM)
@@ -170,7 +174,7 @@ def test_sigterm_saves_current_step_and_rerun_resumes_there(reference, tmp_path)
   assert _committed_steps(workdir)[-1] == step
   assert not os.path.exists(os.path.join(workdir, 'teacher', 'export'))
 
-  status, out, err_text = _run(workdir, 'rerun')
+  status, out, err_text = _run(workdir, 'rerun', own_cache=False)
   assert status == 0, err_text[-2000:]
   assert f'[teacher] resuming from step {step}' in out, out
   _assert_same_as_reference(workdir, clean)
