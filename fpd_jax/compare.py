@@ -2,6 +2,7 @@ r"""FPD vs Di[M]O across distillation seeds, at equal student steps and at equal
 
   python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5
   python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5 --tune
+  python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5 --budgets=steps   # no time runs
 
 Uses the teacher, tokenizer, eval_net and feature_net of the workdir (missing stages are run first). For each
 method (`config.distill.method` = 'fpd' or 'dimo') and each distillation seed s (`config.distill.seed`: only the
@@ -236,10 +237,13 @@ def tune(comp: Comparison, config) -> tuple[dict, dict]:
   return chosen, tried
 
 
-def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
-  """The whole comparison; returns what `compare.json` holds."""
+def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=BUDGETS) -> dict:
+  """The whole comparison (`budgets`: 'steps', and 'time' unless left out); returns what `compare.json` holds."""
   if not seeds:
     raise UserError('--seeds is empty; pass distillation seeds, e.g. --seeds=3,4,5.')
+  if 'steps' not in budgets or not set(budgets) <= set(BUDGETS):
+    raise UserError(f'--budgets={",".join(budgets)}: choose steps or steps,time (the time budget is measured on '
+                    'the steps runs).')
   if config.compare.snapshots < 1 or config.compare.curve_samples < 2:
     raise UserError('config.compare.snapshots must be >= 1 and config.compare.curve_samples >= 2.')
   stages.run_distill_inputs(config, workdir)
@@ -261,7 +265,9 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
   # Budget 2: equal wall-clock (the slower method's time for num_steps, given to the faster one).
   per_step = {m: float(np.mean([runs[(m, 'steps', s)][1]['seconds_per_step'] for s in seeds])) for m in METHODS}
   budget_path = os.path.join(comp.root, 'time_budget.json')
-  if os.path.exists(budget_path):  # Fixed once measured, so that a resumed comparison trains the same runs.
+  if 'time' not in budgets:
+    time_budget = None
+  elif os.path.exists(budget_path):  # Fixed once measured, so that a resumed comparison trains the same runs.
     with open(budget_path) as f:
       time_budget = json.load(f)
   else:
@@ -272,7 +278,7 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
                              for m in METHODS}}
     with open(budget_path, 'w') as f:
       json.dump(time_budget, f, indent=1)
-  for seed in seeds:
+  for seed in (seeds if time_budget else ()):
     for method in METHODS:
       if method == time_budget['slower']:
         link = os.path.join(comp.root, name(method, 'time', seed))
@@ -296,7 +302,7 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
                                config.distill.num_steps,
                                **{k: _stats([evals[(method, budget, s)][k] for s in seeds]) for k in METRICS},
                                'train_seconds': _stats([evals[(method, budget, s)]['train_seconds'] for s in seeds])}
-                      for method in METHODS} for budget in BUDGETS}
+                      for method in METHODS} for budget in budgets}
   out = {'seeds': list(seeds), 'num_steps': config.distill.num_steps,
          'batch_size': distill.batch_size(config.distill), 'num_samples': config.evaluate.num_samples,
          'settings': {m: {'index': chosen[m][0], 'overrides': chosen[m][1]} for m in METHODS},
@@ -308,8 +314,9 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False) -> dict:
   with open(os.path.join(workdir, 'compare.md'), 'w') as f:
     f.write(markdown(out))
   series = {}
+  longest = 'time' if time_budget else 'steps'
   for method in METHODS:  # FD vs training time, mean over seeds of the longer (time-budget) runs.
-    curves = [evals[(method, 'time', s)]['curve'] for s in seeds]
+    curves = [evals[(method, longest, s)]['curve'] for s in seeds]
     n = min(len(c) for c in curves)
     series[method] = [(float(np.mean([c[i]['train_seconds'] for c in curves])),
                        float(np.mean([c[i]['fd'] for c in curves]))) for i in range(n)]
@@ -322,14 +329,16 @@ def markdown(out: dict) -> str:
   """The comparison as Markdown: one row per method and budget, then costs and the tuning tried."""
   pm = lambda s: f'{s["mean"]:.3f} ± {s["std"]:.3f}'
   t1 = out['teacher_1step']
+  budget = out['time_budget']
+  timed = (f'Equal wall-clock: {budget["seconds"]:.0f} s, the slower method ({budget["slower"]}) at '
+           f'{out["num_steps"]} steps.' if budget else 'Equal wall-clock: not run (--budgets=steps).')
   lines = ['# FPD vs Di[M]O', '',
            f'Distillation seeds {out["seeds"]}, batch {out["batch_size"]}, {out["num_samples"]} samples per '
-           f'student; mean ± std over seeds. Equal wall-clock: {out["time_budget"]["seconds"]:.0f} s, the slower '
-           f'method ({out["time_budget"]["slower"]}) at {out["num_steps"]} steps. Teacher 1 step: FD '
-           f'{t1["fd"]:.3f}, accuracy {t1["accuracy"]:.3f}.', '',
+           f'student; mean ± std over seeds. {timed} Teacher 1 step: FD {t1["fd"]:.3f}, accuracy '
+           f'{t1["accuracy"]:.3f}.', '',
            '| method | budget | steps | FD | accuracy | precision | recall | train img/s | peak memory/step (MiB) '
            '| GFLOPs/step | trained params |', '|' + '---|' * 11]
-  for budget in BUDGETS:
+  for budget in out['results']:
     for method in METHODS:
       r, c = out['results'][budget][method], out['cost'][method]
       lines.append(f'| {method} | {budget} | {r["steps"]} | {pm(r["fd"])} | {pm(r["accuracy"])} | '
@@ -351,6 +360,8 @@ def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Workdir with the trained teacher (see the module docstring).')
   flags.DEFINE_list('seeds', ['3', '4', '5'], 'Distillation seeds (config.distill.seed) to report.')
+  flags.DEFINE_list('budgets', list(BUDGETS), 'steps: equal student steps; time: equal wall-clock too (more '
+                    'runs for the faster method).')
   flags.DEFINE_bool('tune', False, 'First choose each method\'s setting among config.compare.tune_<method> by mean '
                     'FD over config.compare.tune_seeds.')
   flags.mark_flags_as_required(['config', 'workdir'])
@@ -366,7 +377,7 @@ def main(argv):
       seeds = [int(s) for s in flags.FLAGS.seeds]
     except ValueError as e:
       raise UserError(f'--seeds={",".join(flags.FLAGS.seeds)}: seeds must be integers, e.g. --seeds=3,4,5.') from e
-    run(config, flags.FLAGS.workdir, seeds, flags.FLAGS.tune)
+    run(config, flags.FLAGS.workdir, seeds, flags.FLAGS.tune, tuple(flags.FLAGS.budgets))
 
   cli.run_user_command(go, config.get('verbose', False))
 

@@ -74,6 +74,12 @@ def test_tiny_compare_with_tuning_writes_tables_and_plot(tmp_path):
     assert json.load(f)['time_budget'] == budget
 
 
+def test_budgets_must_include_steps(tmp_path):
+  for budgets in (('time',), ('steps', 'hours')):
+    with pytest.raises(UserError, match='--budgets='):
+      compare.run(demo.get_config('tiny'), str(tmp_path), [3], budgets=budgets)
+
+
 def test_bad_seeds_get_one_line_error(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'fpd_jax.compare', '--config=configs/demo.py:tiny',
                            f'--workdir={tmp_path}', '--seeds=a'], cwd=ROOT, capture_output=True, text=True,
