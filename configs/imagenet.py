@@ -156,16 +156,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-def _make_pod(c: ml_collections.ConfigDict) -> None:
-  """A TPU pod slice (e.g. v5e-32): global batch 256, parameters and optimizer states sharded 4 ways."""
+def make_pod(c: ml_collections.ConfigDict) -> None:
+  """What every `:pod` variant sets (here and configs/t2i.py): multi-process, global batch 256 = 64 conditions x 4
+  samples, parameters and optimizer states sharded 4 ways, DINO from the bucket every host mounts."""
   c.distributed = True
-  c.distill.groups_per_batch = 64  # 64 classes x 4 samples = 256.
+  c.distill.groups_per_batch = 64  # 64 conditions x 4 samples = 256.
   c.mesh.fsdp = 4  # data = the rest of the devices.
   # Every host reads the same files: a bucket mounted at the same path on all workers (launch/tpu_pod.sh mount;
   # paths are POSIX, not gs://), with the workdir on it too.
+  c.dino.weights = '/mnt/gcs/imports/dinov3_vitb16'
+
+
+def _make_pod(c: ml_collections.ConfigDict) -> None:
+  """A TPU pod slice (e.g. v5e-32): global batch 256, parameters and optimizer states sharded 4 ways."""
+  make_pod(c)
   c.data.tfds_data_dir = '/mnt/gcs/tensorflow_datasets'
   c.tokenizer.pretrained = c.teacher.pretrained = '/mnt/gcs/imports/maskgit'
-  c.dino.weights = '/mnt/gcs/imports/dinov3_vitb16'
 
 
 def _make_smoke(c: ml_collections.ConfigDict) -> None:

@@ -119,12 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _make_pod(c: ml_collections.ConfigDict) -> None:
   """A TPU pod slice: global batch 256 (64 prompts x 4), parameters and optimizer states sharded 4 ways."""
-  c.distributed = True
-  c.distill.groups_per_batch = 64
-  c.mesh.fsdp = 4  # data = the rest of the devices.
-  # Every host reads the same files: a bucket mounted at the same path on all workers (launch/tpu_pod.sh).
+  imagenet.make_pod(c)
   c.teacher.pretrained = c.tokenizer.pretrained = c.text_encoder.pretrained = '/mnt/gcs/imports/maskgen_vq_l'
-  c.dino.weights = '/mnt/gcs/imports/dinov3_vitb16'
 
 
 def _make_smoke(c: ml_collections.ConfigDict) -> None:
