@@ -2,7 +2,9 @@
 
 Many tests compile the same tiny programs again (each pipeline, CLI subprocess and stage builds fresh jitted
 functions); with one cache directory shared by the session and its subprocesses (`JAX_COMPILATION_CACHE_DIR`), each
-program is compiled once per session. `FPD_JAX_TEST_CACHE=DIR` keeps the cache between sessions.
+program is compiled once per session. `FPD_JAX_TEST_CACHE=DIR` keeps the cache between sessions. The pytest-xdist
+workers (`-n 2` in pytest.ini) share it too: this file runs in the controller first, and the workers it starts
+inherit `JAX_COMPILATION_CACHE_DIR` (the controller deletes the directory at exit).
 
 The tests' programs are tiny: XLA:CPU spends far more time compiling them than running them, so the session (and
 its subprocesses, through `XLA_FLAGS`) compiles at LLVM optimisation level 0, about half the compile time. An
@@ -29,7 +31,7 @@ from fpd_jax.train import tokenizer as tokenizer_stage
 
 
 def _share_compilation_cache() -> None:
-  # A pytest subprocess of a test (tests/multidevice) inherits its parent's cache.
+  # xdist workers and a pytest subprocess of a test (tests/multidevice) inherit their parent's cache.
   cache = os.environ.get('FPD_JAX_TEST_CACHE') or os.environ.get('JAX_COMPILATION_CACHE_DIR')
   if not cache:
     cache = tempfile.mkdtemp(prefix='fpd_jax_test_cache_')
