@@ -115,14 +115,14 @@ def test_teacher_sampler_decodes_with_the_configured_mask_schedule(tiny_fpd):
   images = sampling.teacher_image_sampler(models.teacher, models.tokenizer, models.grid, steps, config)(
       frozen['teacher'], frozen['tokenizer'], labels, rng)
 
-  def expected(schedule):
-    tokens = sampling.iterative_decode(models.teacher, frozen['teacher'], labels, rng, num_tokens=models.grid ** 2,
+  def expected(schedule, params):
+    tokens = sampling.iterative_decode(models.teacher, params['teacher'], labels, rng, num_tokens=models.grid ** 2,
                                        num_steps=steps, temperature=config.sampling.temperature,
                                        choice_temperature=config.sampling.choice_temperature,
                                        cfg_scale=config.sampling.cfg_scale, schedule=schedule)
-    return sampling.decode_tokens(models.tokenizer, frozen['tokenizer'], tokens, models.grid)
+    return sampling.decode_tokens(models.tokenizer, params['tokenizer'], tokens, models.grid)
 
   # Both in one compiled program (run op by op, the decoder compiles every op on its own).
-  linear, cosine = jax.jit(lambda: (expected('linear'), expected('cosine')))()
+  linear, cosine = jax.jit(lambda params: (expected('linear', params), expected('cosine', params)))(frozen)
   assert not np.allclose(linear, cosine)  # The schedules differ at T=2 (24 vs 34 of 49 tokens stay masked).
   np.testing.assert_allclose(images, linear, atol=1e-5)
