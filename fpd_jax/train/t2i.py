@@ -274,7 +274,7 @@ def samplers(config, workdir: str, steps=None, student: bool = True) -> dict:
     teacher, params = load_teacher(config, workdir)
     vq, vq_params = tokenizer_stage.load(config, workdir)
     for n in (steps or config.evaluate.teacher_steps):
-      sample = sampling.teacher_image_sampler(teacher, vq, grid, n, config.sampling)
+      sample = sampling.teacher_image_sampler(teacher, vq, grid, n, config)
       out[f'teacher_{n}step'] = (n, lambda ids, rng, sample=sample: sample(params, vq_params, ids, rng))
   if student:
     s_config, model, s_params, vq, vq_params = load_student(os.path.join(workdir, 'distill', 'export'))
