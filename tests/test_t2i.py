@@ -236,7 +236,7 @@ def tiny_t2i(tmp_path_factory):
   return config, workdir, timings
 
 
-@pytest.mark.slow  # Minutes on 2 cores; run with -m slow.
+# In the default run (~90 s on 2 cores): the tiny pipeline is the one test of the t2i evaluate stage.
 def test_tiny_t2i_pipeline_end_to_end(tiny_t2i):
   config, workdir, timings = tiny_t2i
   assert list(timings) == list(config.stages)
@@ -256,8 +256,7 @@ def _cli(*args):
   return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow  # Minutes on 2 cores; run with -m slow.
-def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):
+def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):  # Reuses the tiny pipeline: ~25 s more.
   _, workdir, _ = tiny_t2i
   out = tmp_path / 'x.png'
   res = _cli('fpd_jax.sample', f'--workdir={workdir}', '--model=student',
