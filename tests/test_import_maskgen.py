@@ -3,6 +3,8 @@
 tests/fixtures/maskgen_tiny/ holds tiny random configurations of the three official networks (open_clip's CLIP text
 tower, bytedance/1d-tokenizer's MaskGen_VQ and TA-TiTok decoder), saved in their own formats, and golden.npz with
 their outputs; `make_golden.py` there made them with torch and the official code (versions in its docstring).
+clip_vision_golden.npz holds open_clip's image embeddings and preprocessing of the same clip.bin
+(`make_clip_vision_golden.py`), for the vision tower and the CLIP score.
 bpe_simple_vocab_16e6.txt.gz is open_clip's copy of OpenAI CLIP's BPE vocabulary (MIT licence).
 """
 
@@ -21,6 +23,8 @@ from fpd_jax import conditioning as cond_lib
 from fpd_jax import weights_io
 from fpd_jax.data import clip_tokenizer
 from fpd_jax.errors import UserError
+from fpd_jax.eval import clip_score
+from fpd_jax.models import clip_vision
 from fpd_jax.models import maskgen
 from fpd_jax.models import tatitok
 from fpd_jax.tools import import_maskgen
@@ -36,6 +40,8 @@ SIZES = {  # The tiny configurations of make_golden.py.
                       num_layers=1, num_heads=2, text_length=77, text_dim=32),
     'text_encoder': dict(vocab_size=1000, context_length=77, width=32, num_layers=3, num_heads=2, mlp_ratio=4.0,
                          embed_dim=32, activation='quick_gelu', state_layer=-2),
+    'clip_vision': dict(image_size=16, patch_size=8, width=16, num_layers=1, num_heads=2, mlp_ratio=4.0, embed_dim=32,
+                        activation='quick_gelu'),
 }
 
 
@@ -54,9 +60,10 @@ def imported(tmp_path_factory):
   """{part: (module, params)} imported from the official-format files through the command's code path."""
   out = tmp_path_factory.mktemp('maskgen') / 'out'
   metas = import_maskgen.import_weights(str(out), *map(str, FILES.values()), sizes=SIZES, log=lambda *a: None)
-  assert sorted(os.listdir(out)) == ['teacher', 'text_encoder', 'tokenizer']
+  assert sorted(os.listdir(out)) == ['clip_vision', 'teacher', 'text_encoder', 'tokenizer']
   assert metas['tokenizer']['unused_entries'] == ['encoder.ln_post.weight', 'latent_tokens']
-  assert metas['text_encoder']['unused_entries'][0] == 'logit_scale'
+  assert metas['text_encoder']['unused_entries'] == ['logit_scale']  # visual.* went to clip_vision.
+  assert metas['clip_vision']['unused_entries'] == [] and metas['clip_vision']['num_arrays'] == 20
   return {part: import_maskgen.load(str(out / part), part) for part in SIZES}
 
 
@@ -157,12 +164,83 @@ def test_command_line_error_is_one_line(tmp_path):
 
 def test_torchscript_clip_imports_the_same_text_tower(tmp_path):
   """OpenAI ships CLIP as a traced TorchScript archive; its text tower imports to the same parameters."""
-  sizes = {'text_encoder': SIZES['text_encoder']}
+  sizes = {'text_encoder': SIZES['text_encoder'], 'clip_vision': SIZES['clip_vision']}
   metas = {}
   for name in ('clip.bin', 'clip_torchscript.pt'):
     out = tmp_path / name
     metas[name] = import_maskgen.import_weights(str(out), clip=str(FIXTURES / name), sizes=sizes, log=lambda *a: None)
   assert 'attn_mask' in metas['clip_torchscript.pt']['text_encoder']['unused_entries']
-  a = import_maskgen.load(str(tmp_path / 'clip.bin' / 'text_encoder'), 'text_encoder')[1]
-  b = import_maskgen.load(str(tmp_path / 'clip_torchscript.pt' / 'text_encoder'), 'text_encoder')[1]
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  for part in ('text_encoder', 'clip_vision'):
+    a = import_maskgen.load(str(tmp_path / 'clip.bin' / part), part)[1]
+    b = import_maskgen.load(str(tmp_path / 'clip_torchscript.pt' / part), part)[1]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# ---- The CLIP vision tower and the CLIP score.
+
+
+@pytest.fixture(scope='module')
+def vision_golden():
+  return dict(np.load(FIXTURES / 'clip_vision_golden.npz'))
+
+
+def test_vision_tower_matches_open_clip(imported, vision_golden, golden):
+  net, params = imported['clip_vision']
+  embeds = jax.jit(net.apply)({'params': params}, vision_golden['images'].transpose(0, 2, 3, 1))  # NCHW -> NHWC.
+  assert embeds.shape == (2, 32)
+  assert _relative_error(embeds, vision_golden['image_embeds']) < 1e-5  # clip.encode_image.
+  np.testing.assert_array_equal(vision_golden['caption_ids'], golden['caption_ids'][:2])
+  assert _relative_error(vision_golden['text_embeds'], golden['pooled'][:, 0]) < 1e-6  # The same clip.bin.
+
+
+def test_preprocess_is_close_to_open_clips_transform(vision_golden):
+  """Bicubic resize + OpenAI mean/std vs open_clip's PIL transform (8-bit rounding; see clip_vision's docstring)."""
+  for name in ('raw', 'raw_small'):  # 24 -> 16 px (antialiased) and 12 -> 16 px.
+    ours = clip_vision.preprocess(jnp.asarray(vision_golden[name][None] / 255.0), 16)[0]
+    reference = vision_golden[f'{name}_preprocessed'].transpose(1, 2, 0)
+    assert ours.shape == reference.shape == (16, 16, 3)
+    grey_levels = np.abs(np.asarray(ours) - reference) * np.array(clip_vision.OPENAI_STD) * 255
+    # Measured on these noise images (every pixel an edge: the worst case for PIL's 8-bit intermediate rows): at
+    # most 4.1 (24 px) and 7.3 (12 px) grey levels at a pixel, 0.31 and 0.37 on average.
+    assert grey_levels.max() < 8 and grey_levels.mean() < 0.5, (name, grey_levels.max(), grey_levels.mean())
+  same = np.full((1, 16, 16, 3), 0.5)
+  np.testing.assert_allclose(clip_vision.preprocess(same, 16)[0, 0, 0],
+                             (0.5 - np.array(clip_vision.OPENAI_MEAN)) / np.array(clip_vision.OPENAI_STD), rtol=1e-6)
+
+
+def test_clip_score_is_the_cosine_of_the_official_embeddings(imported, vision_golden):
+  image_embeds, text_embeds = vision_golden['image_embeds'], vision_golden['text_embeds']
+  cos = np.sum(image_embeds * text_embeds, -1) / (np.linalg.norm(image_embeds, axis=-1) *
+                                                  np.linalg.norm(text_embeds, axis=-1))
+  expected = 100 * np.maximum(cos, 0)
+  np.testing.assert_allclose(clip_score.score_from_embeddings(image_embeds, text_embeds), expected, atol=1e-4)
+  # End to end: images in [0, 1] whose preprocessing is the golden input (no resize at 16 px), and their captions;
+  # 3 images in batches of 2 (the last one padded).
+  images = vision_golden['images'].transpose(0, 2, 3, 1) * np.array(clip_vision.OPENAI_STD) + np.array(
+      clip_vision.OPENAI_MEAN)
+  ids = vision_golden['caption_ids']
+  flipped = np.concatenate([images, images[:1]]), np.concatenate([ids, ids[1:]])  # Image 0 with caption 1.
+  score = clip_score.make_scorer(*imported['clip_vision'], *imported['text_encoder'], batch_size=2)
+  mean, values = score(*flipped)
+  cos_01 = np.dot(image_embeds[0], text_embeds[1]) / np.linalg.norm(image_embeds[0]) / np.linalg.norm(text_embeds[1])
+  np.testing.assert_allclose(values, [*expected, 100 * max(cos_01, 0)], atol=1e-3)
+  assert mean == pytest.approx(values.mean())
+
+
+def test_clip_import_names_a_wrong_visual_shape_and_takes_a_text_only_file(tmp_path):
+  state = weights_io.read_weights(FILES['clip'])
+  sizes = {'text_encoder': SIZES['text_encoder'], 'clip_vision': SIZES['clip_vision']}
+  wrong = dict(state, **{'visual.proj': np.zeros((16, 31), np.float32)})
+  st_numpy.save_file(wrong, str(tmp_path / 'wrong.safetensors'))
+  with pytest.raises(UserError, match=r'entry visual.proj has shape \(16, 31\) but the CLIP ViT-L/14-336 vision tower '
+                     r'\(image_size 16, .*\) needs \(16, 32\).*--clip'):
+    import_maskgen.import_weights(str(tmp_path / 'out'), clip=str(tmp_path / 'wrong.safetensors'), sizes=sizes,
+                                  log=lambda *a: None)
+  assert not (tmp_path / 'out').exists()  # Not even the text tower.
+  text_only = {k: v for k, v in state.items() if not k.startswith('visual.')}
+  st_numpy.save_file(text_only, str(tmp_path / 'text.safetensors'))
+  lines = []
+  metas = import_maskgen.import_weights(str(tmp_path / 'text'), clip=str(tmp_path / 'text.safetensors'), sizes=sizes,
+                                        log=lines.append)
+  assert list(metas) == ['text_encoder'] and os.listdir(tmp_path / 'text') == ['text_encoder']
+  assert any('no visual.* entries' in line and 'CLIP score' in line for line in lines), lines

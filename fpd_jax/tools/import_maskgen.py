@@ -1,4 +1,4 @@
-r"""Imports the released MaskGen-L (VQ) teacher: generator, TA-TiTok tokenizer and CLIP text tower.
+r"""Imports the released MaskGen-L (VQ) teacher: generator, TA-TiTok tokenizer, CLIP text and image towers.
 
   python -m fpd_jax.tools.import_maskgen \
       --generator=maskgen_vq_l.bin --tokenizer=tatitok_bl128_vq.bin \
@@ -12,16 +12,19 @@ The files (any of them may be given alone) are the official ones, as the model h
                decoder and the codebook are taken;
   --clip       open_clip `ViT-L-14-336` with OpenAI weights: `open_clip_pytorch_model.bin` / `open_clip_model.safetensors`
                of hub repo `timm/vit_large_patch14_clip_336.openai`, or OpenAI's TorchScript `ViT-L-14-336px.pt`
-               (tested on a traced tiny CLIP; the real archive not yet); only the text tower is taken. The Hugging
-               Face transformers layout (`openai/clip-vit-large-patch14-336`) has other names and is not taken.
+               (tested on a traced tiny CLIP; the real archive not yet). The file is read once; its text tower is
+               the generator's and decoder's text condition, its vision tower (`visual.*`) the image half of the
+               CLIP score (`fpd_jax.eval.clip_score`). A file without any `visual.*` entry imports the text tower
+               only (logged: no CLIP score then). The Hugging Face transformers layout
+               (`openai/clip-vit-large-patch14-336`) has other names and is not taken.
 Each may be `.safetensors`, a `torch.save` file (`.bin`, `.pth`) or TorchScript, told apart by content and read
 with numpy (`fpd_jax.weights_io`; no torch). Every official name is mapped explicitly (`generator_table`,
-`tokenizer_table`, `clip_table`; linear weights [out, in] -> kernels [in, out], convs OIHW -> HWIO) and every shape
-is checked against the released sizes (`maskgen.MASKGEN_VQ_L`, `tatitok.TATITOK_BL128_VQ`,
-`clip_text.VIT_L_14_336`). The first missing entry, wrong shape or entry nobody expects is named in a one-line
-error with the fix, and nothing is written. Entries left out on purpose (`UNUSED`): the tokenizer's encoder and
-latent tokens, CLIP's vision tower and logit scale; the generator's `lm_head.weight`, which is the embedding table
-(tied) and must equal it. float16/bfloat16 files are widened to float32.
+`tokenizer_table`, `clip_table`, `clip_vision_table`; linear weights [out, in] -> kernels [in, out], convs OIHW ->
+HWIO) and every shape is checked against the released sizes (`maskgen.MASKGEN_VQ_L`, `tatitok.TATITOK_BL128_VQ`,
+`clip_text.VIT_L_14_336`, `clip_vision.VIT_L_14_336`). The first missing entry, wrong shape or entry nobody expects
+is named in a one-line error with the fix, and nothing is written. Entries left out on purpose (`UNUSED`): the
+tokenizer's encoder and latent tokens, CLIP's logit scale; the generator's `lm_head.weight`, which is the embedding
+table (tied) and must equal it. float16/bfloat16 files are widened to float32.
 
 The output mirrors `fpd_jax.tools.import_maskgit` (a stage directory each, written all or nothing: temporary
 directories renamed into place once all are complete; an existing part is replaced only with `--overwrite`):
@@ -29,6 +32,7 @@ directories renamed into place once all are complete; an existing part is replac
   OUT/teacher/export/ + export_meta.json        MaskGenTransformer parameters (`maskgen.MaskGenTransformer`)
   OUT/tokenizer/export/ + export_meta.json      TATiTokDecoder parameters (`tatitok.TATiTokDecoder`)
   OUT/text_encoder/export/ + export_meta.json   TextTransformer parameters (`clip_text.TextTransformer`)
+  OUT/clip_vision/export/ + export_meta.json    VisionTransformer parameters (`clip_vision.VisionTransformer`)
 
 Each meta holds the sizes, the source file, its size and sha256, and the entries left out. Captions are tokenized by
 `fpd_jax.data.clip_tokenizer.ClipTokenizer` (open_clip's BPE vocabulary), which has no weights to import.
@@ -48,6 +52,7 @@ from fpd_jax import cli
 from fpd_jax import weights_io
 from fpd_jax.errors import UserError
 from fpd_jax.models import clip_text
+from fpd_jax.models import clip_vision
 from fpd_jax.models import maskgen
 from fpd_jax.models import tatitok
 
@@ -64,16 +69,23 @@ PARTS = {
     'tokenizer': Part('--tokenizer', 'the TA-TiTok VQ tokenizer', 'tatitok_bl128_vq.bin'),
     'text_encoder': Part('--clip', 'the CLIP ViT-L/14-336 text tower',
                          'open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_336.openai'),
+    'clip_vision': Part('--clip', 'the CLIP ViT-L/14-336 vision tower',
+                        'open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_336.openai'),
 }
+# The flag each part is read from; parts of one flag come from one file, read once.
+FLAG_PARTS = {'generator': ('teacher',), 'tokenizer': ('tokenizer',), 'clip': ('text_encoder', 'clip_vision')}
+# Parts that take only the entries of their file under a prefix (the rest of the file belongs to another part).
+PREFIX = {'clip_vision': 'visual.'}
 # Sizes of the released networks (`import_weights` takes others for tests and non-released models).
 RELEASED = {'teacher': maskgen.MASKGEN_VQ_L, 'tokenizer': tatitok.TATITOK_BL128_VQ,
-            'text_encoder': clip_text.VIT_L_14_336}
+            'text_encoder': clip_text.VIT_L_14_336, 'clip_vision': clip_vision.VIT_L_14_336}
 # Entries a part's file may hold that the import leaves out: exact names, or prefixes ending in '.'.
 UNUSED = {
     'teacher': ('lm_head.weight',),  # Tied to embeddings.weight (checked equal) in .bin files.
     'tokenizer': ('encoder.', 'latent_tokens', 'quantize.embed_prob'),  # Encoding only.
     'text_encoder': ('visual.', 'logit_scale', 'logit_bias', 'attn_mask', 'input_resolution', 'context_length',
-                     'vocab_size'),  # The vision tower; TorchScript's constants.
+                     'vocab_size'),  # The vision tower (part clip_vision); TorchScript's constants.
+    'clip_vision': (),  # Reads only the visual.* entries (PREFIX); each must be known.
 }
 
 
@@ -145,7 +157,19 @@ def clip_table(sizes: dict) -> list:
   return rows + _layer_norm('ln_final', 'ln_final')
 
 
-TABLES = {'teacher': generator_table, 'tokenizer': tokenizer_table, 'text_encoder': clip_table}
+def clip_vision_table(sizes: dict) -> list:
+  """open_clip `CLIP` state dict (vision tower, `visual.*`) -> `clip_vision.VisionTransformer`."""
+  v = 'visual'
+  rows = [(f'{v}.conv1.weight', 'conv1/kernel', 'conv'), (f'{v}.class_embedding', 'class_embedding', None),
+          (f'{v}.positional_embedding', 'positional_embedding', None), (f'{v}.proj', 'proj', None)]
+  rows += _layer_norm(f'{v}.ln_pre', 'ln_pre') + _layer_norm(f'{v}.ln_post', 'ln_post')
+  for i in range(sizes['num_layers']):
+    rows += _vit_block(f'{v}.transformer.resblocks.{i}', f'resblocks_{i}')
+  return rows
+
+
+TABLES = {'teacher': generator_table, 'tokenizer': tokenizer_table, 'text_encoder': clip_table,
+          'clip_vision': clip_vision_table}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,7 +177,7 @@ TABLES = {'teacher': generator_table, 'tokenizer': tokenizer_table, 'text_encode
 
 
 MODULES = {'teacher': maskgen.MaskGenTransformer, 'tokenizer': tatitok.TATiTokDecoder,
-           'text_encoder': clip_text.TextTransformer}
+           'text_encoder': clip_text.TextTransformer, 'clip_vision': clip_vision.VisionTransformer}
 
 
 def module(part: str, sizes: dict):
@@ -170,6 +194,8 @@ def expected_shapes(part: str, sizes: dict) -> dict[str, tuple]:
             jnp.zeros((1,)))
   elif part == 'tokenizer':
     args = (jnp.zeros((1, net.num_tokens), jnp.int32), jnp.zeros((1, net.text_length, net.text_dim)))
+  elif part == 'clip_vision':
+    args = (jnp.zeros((1, net.image_size, net.image_size, 3)),)
   else:
     args = (jnp.zeros((1, net.context_length), jnp.int32),)
   return ckpt_lib.tree_shapes(jax.eval_shape(lambda: net.init(jax.random.key(0), *args)['params']))
@@ -239,8 +265,9 @@ def convert(part: str, state: dict[str, np.ndarray], sizes: dict, source: str, c
 
 
 def check_sources(generator: str | None, tokenizer: str | None, clip: str | None) -> dict[str, str]:
-  """`{part: file}` of the files given; raises UserError when none is given or one does not exist."""
-  sources = {part: path for part, path in zip(PARTS, (generator, tokenizer, clip)) if path}
+  """`{part: file}` of the files given (`FLAG_PARTS`); raises UserError when none is given or one does not exist."""
+  files = {'generator': generator, 'tokenizer': tokenizer, 'clip': clip}
+  sources = {part: files[flag] for flag, parts in FLAG_PARTS.items() for part in parts if files[flag]}
   if not sources:
     raise UserError('nothing to import; pass --generator=FILE, --tokenizer=FILE and/or --clip=FILE.')
   for part, path in sources.items():
@@ -250,9 +277,21 @@ def check_sources(generator: str | None, tokenizer: str | None, clip: str | None
   return sources
 
 
+def _meta(part: str, params, sizes: dict, path: str, sha256: str, size: int, unused: list[str]) -> dict:
+  leaves = jax.tree.leaves(params)
+  return {'part': part, 'sizes': dict(sizes),
+          'source': {'file': os.path.abspath(path), 'sha256': sha256, 'bytes': size},
+          'num_arrays': len(leaves), 'num_params': int(sum(np.size(x) for x in leaves)), 'dtype': 'float32',
+          'unused_entries': unused if len(unused) <= 20 else unused[:20] + [f'... {len(unused)} in all'],
+          'imported_by': 'fpd_jax.tools.import_maskgen'}
+
+
 def import_weights(out: str, generator: str | None = None, tokenizer: str | None = None, clip: str | None = None,
                    overwrite: bool = False, sizes: dict | None = None, log=print) -> dict[str, dict]:
   """Checks the official files and writes them as `OUT/<part>/export` + `export_meta.json` (see module doc).
+
+  Each file is read once; `--clip` gives the text tower and, from its `visual.*` entries, the vision tower (a file
+  without any is imported as a text tower only, logged).
 
   Args:
     out: output directory.
@@ -278,22 +317,29 @@ def import_weights(out: str, generator: str | None = None, tokenizer: str | None
   ckpt_lib.check_export_destinations([os.path.join(out, part) for part in sources], overwrite)  # Before reading.
   sizes = {**RELEASED, **(sizes or {})}
   loaded = {}
-  for part, path in sources.items():
+  for parts in FLAG_PARTS.values():
+    parts = [part for part in parts if part in sources]
+    if not parts:
+      continue
+    path = sources[parts[0]]
     state = weights_io.read_weights(path)
-    unused = sorted(k for k in state if _unused(part, k))
-    params = convert(part, state, sizes[part], path, consume=True)
-    del state
     sha256, size = weights_io.sha256(path)
-    leaves = jax.tree.leaves(params)
-    count = int(sum(np.size(x) for x in leaves))
-    meta = {'part': part, 'sizes': dict(sizes[part]),
-            'source': {'file': os.path.abspath(path), 'sha256': sha256, 'bytes': size},
-            'num_arrays': len(leaves), 'num_params': count, 'dtype': 'float32',
-            'unused_entries': unused if len(unused) <= 20 else unused[:20] + [f'... {len(unused)} in all'],
-            'imported_by': 'fpd_jax.tools.import_maskgen'}
-    log(f'{part}: {os.path.basename(path)} fits {PARTS[part].what}: {len(leaves)} arrays, {count:,} parameters '
-        f'(sha256 {sha256[:16]}...)')
-    loaded[part] = (params, meta)
+    claimed = tuple(PREFIX[part] for part in parts if part in PREFIX)  # Entries another part of this file takes.
+    for part in parts:
+      if part in PREFIX:  # Its entries only, taken out of the file's state (converted, they are freed).
+        scoped = {k: state.pop(k) for k in [k for k in state if k.startswith(PREFIX[part])]}
+        if not scoped:
+          log(f'{part}: {os.path.basename(path)} has no {PREFIX[part]}* entries, so {PARTS[part].what} is not '
+              'imported (the CLIP score of the evaluate stage needs it).')
+          continue
+      else:
+        scoped = state
+      unused = sorted(k for k in scoped if _unused(part, k) and not (claimed and k.startswith(claimed)))
+      params = convert(part, scoped, sizes[part], path, consume=True)
+      loaded[part] = (params, _meta(part, params, sizes[part], path, sha256, size, unused))
+      log(f'{part}: {os.path.basename(path)} fits {PARTS[part].what}: {loaded[part][1]["num_arrays"]} arrays, '
+          f'{loaded[part][1]["num_params"]:,} parameters (sha256 {sha256[:16]}...)')
+    del state
   ckpt_lib.write_exports({os.path.join(out, part): value for part, value in loaded.items()}, overwrite, log)
   for part in loaded:
     log(f'{part}: wrote {os.path.join(out, part)} (export/ + export_meta.json)')
@@ -324,8 +370,8 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       'clip': flags.DEFINE_string(
           'clip', None, 'open_clip ViT-L-14-336 OpenAI weights (open_clip_pytorch_model.bin or '
           'open_clip_model.safetensors of timm/vit_large_patch14_clip_336.openai, or ViT-L-14-336px.pt); text tower '
-          'written to OUT/text_encoder.'),
-      'out': flags.DEFINE_string('out', None, 'Output directory (teacher/, tokenizer/, text_encoder/).'),
+          'written to OUT/text_encoder, vision tower (visual.*, for the CLIP score) to OUT/clip_vision.'),
+      'out': flags.DEFINE_string('out', None, 'Output directory (teacher/, tokenizer/, text_encoder/, clip_vision/).'),
       'overwrite': flags.DEFINE_bool('overwrite', False, 'Replace existing parts under OUT.'),
       'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.'),
   }
