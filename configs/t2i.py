@@ -17,6 +17,10 @@ Then, with one prompt per line in prompts.txt (distillation needs prompts only, 
       --config.text_encoder.vocab=bpe_simple_vocab_16e6.txt.gz     # CPU, tiny shapes, random weights
   python -m fpd_jax.sample --workdir=runs/t2i --model=student --prompts_file=prompts.txt --num=4 --out=x.png
 
+The evaluate stage (after distill) writes DIR/report.json and report.md: the CLIP score (fpd_jax/eval/clip_score.py)
+and images/s of the student and the teacher on `evaluate.prompts_file` (GenEval's evaluation_metadata.jsonl or a text
+file), with the CLIP vision tower that import_maskgen --clip wrote to imports/maskgen_vq_l/clip_vision.
+
 Variants: '' (= 'gpu'), 'gpu', 'pod', 'smoke'. Every knob is a field below; override with `--config.a.b=v`.
 """
 
@@ -31,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = 'maskgen'  # The released-MaskGen stages (fpd_jax/train/maskgen.py).
   c.seed = 0
-  c.stages = ('distill',)  # Teacher, tokenizer and text tower are imported, not trained here.
+  c.stages = ('distill', 'evaluate')  # Teacher, tokenizer and text tower are imported, not trained here.
   c.verbose = False  # Full tracebacks for user errors.
   c.distributed = False  # Multi-process run (the launch/ scripts set it): jax.distributed.initialize() first.
   c.concurrent_stages = 1  # One stage: nothing to overlap.
@@ -102,6 +106,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampling.guidance_scale = 12.0  # Guidance rises from 1 to this with a cosine ramp (c + (c - u) * w).
   c.sampling.randomize_temperature = 2.0  # Gumbel noise scale, annealed to 0 (the released README example's value).
 
+  # ---- Evaluation (stage 'evaluate'): CLIP score and images/s of the student and the teacher.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.prompts_file = ''  # '' = data.prompts_file; or GenEval's evaluation_metadata.jsonl (its 'prompt's).
+  c.evaluate.images_per_prompt = 4  # Images sampled per prompt (GenEval's protocol: 4).
+  c.evaluate.teacher_steps = (16,)  # The teacher rows: the released sampler at these step counts (() = none).
+  c.evaluate.batch_size = 32  # Images per sampling and scoring call.
+
+  # ---- CLIP score's image tower: open_clip ViT-L-14-336, OpenAI weights (clip_vision.VIT_L_14_336); its embedding
+  # size is text_encoder.embed_dim. Captions go through the frozen text tower above (its pooled output).
+  c.clip_score = ml_collections.ConfigDict()
+  c.clip_score.pretrained = 'imports/maskgen_vq_l'  # `--out` of import_maskgen (reads clip_vision/), or 'random'.
+  c.clip_score.image_size = 336  # Images are resized to this (bicubic) and normalised with OpenAI's mean/std.
+  c.clip_score.patch_size = 14
+  c.clip_score.width = 1024
+  c.clip_score.num_layers = 24
+  c.clip_score.num_heads = 16
+  c.clip_score.mlp_ratio = 4.0
+  c.clip_score.activation = 'quick_gelu'  # OpenAI weights.
+
   c.mesh = demo.mesh_config(data=-1, fsdp=1)  # Batch over data x fsdp; rules of configs/demo.py.
   c.train = base.train  # Checkpointing, logging, gradient clipping (see configs/imagenet.py).
 
@@ -121,6 +144,7 @@ def _make_pod(c: ml_collections.ConfigDict) -> None:
   """A TPU pod slice: global batch 256 (64 prompts x 4), parameters and optimizer states sharded 4 ways."""
   imagenet.make_pod(c)
   c.teacher.pretrained = c.tokenizer.pretrained = c.text_encoder.pretrained = '/mnt/gcs/imports/maskgen_vq_l'
+  c.clip_score.pretrained = '/mnt/gcs/imports/maskgen_vq_l'
 
 
 def _make_smoke(c: ml_collections.ConfigDict) -> None:
@@ -161,3 +185,12 @@ def _make_smoke(c: ml_collections.ConfigDict) -> None:
   c.distill.learning_rate = 1e-4
   c.train.checkpoint_every = 2
   c.train.log_every = 1
+  c.evaluate.images_per_prompt = 2
+  c.evaluate.teacher_steps = (2,)
+  c.evaluate.batch_size = 4
+  c.clip_score.pretrained = 'random'
+  c.clip_score.image_size = 16  # The 32 px images are resized (antialiased) to 16.
+  c.clip_score.patch_size = 8
+  c.clip_score.width = 16
+  c.clip_score.num_layers = 1
+  c.clip_score.num_heads = 2

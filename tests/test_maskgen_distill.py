@@ -1,5 +1,5 @@
-"""`configs/t2i.py:smoke`: FPD steps of the released-MaskGen pipeline (TA-TiTok decoder, CLIP text tower, DINO) on
-the CPU with tiny random networks, and its checks."""
+"""`configs/t2i.py:smoke`: FPD steps of the released-MaskGen pipeline (TA-TiTok decoder, CLIP text tower, DINO) and
+its evaluate stage (CLIP score, report.json) on the CPU with tiny random networks, and its checks."""
 
 import json
 import os
@@ -38,11 +38,23 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_runs_fpd_steps_and_exports_the_student(smoke_run):
   config, workdir, timings = smoke_run
-  assert list(timings) == ['distill']
+  assert list(timings) == ['distill', 'evaluate']
   rows = [json.loads(line) for line in open(workdir / 'distill' / 'metrics.jsonl')]
   assert [r['step'] for r in rows][-1] == config.distill.num_steps
   assert all(np.isfinite(r['loss']) for r in rows) and 'fixed_point_gap' in rows[-1]
   assert os.path.isdir(workdir / 'distill' / 'export')
+
+
+def test_smoke_evaluate_writes_clip_scores(smoke_run):
+  config, workdir, _ = smoke_run
+  result = json.loads((workdir / 'report.json').read_text())
+  assert list(result['models']) == ['teacher_2step', 'student_1step']
+  for row in result['models'].values():
+    assert 0 <= row['clip_score'] <= 100 and row['images_per_sec'] > 0
+    assert row['num_samples'] == 3 * config.evaluate.images_per_prompt  # 3 prompts.
+  assert result['clip_score']['num_prompts'] == 3 and 'max(cos' in result['clip_score']['definition']
+  assert 'timings_s' in result and '| student_1step | 1 |' in (workdir / 'report.md').read_text()
+  assert sorted(os.listdir(workdir / 'samples')) == ['student_1step.png', 'teacher_2step.png']
 
 
 @pytest.mark.parametrize('model, steps', [('student', 1), ('teacher', 2)])
@@ -61,6 +73,10 @@ def test_smoke_checks_name_the_fix(tmp_path):
   config = _config(tmp_path)
   config.tokenizer.num_tokens = 4
   with pytest.raises(UserError, match='num_tokens'):
+    stages.validate(config)
+  config = _config(tmp_path)
+  config.evaluate.prompts_file = str(tmp_path / 'missing.jsonl')
+  with pytest.raises(UserError, match='missing.jsonl'):
     stages.validate(config)
 
 

@@ -24,6 +24,10 @@ import numpy as np
 from fpd_jax.models import clip_text
 from fpd_jax.models import clip_vision
 
+# What report.json says the number is.
+DEFINITION = ('100 * max(cos(CLIP image embedding, CLIP caption embedding), 0), averaged over the images '
+              '(torchmetrics CLIPScore formula; Hessel et al. CLIP-S = 0.025 x this)')
+
 
 def score_from_embeddings(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
   """Per-pair CLIP scores `100 * max(cos, 0)` of embeddings `[N, E]` (row i of each is one image and its caption)."""

@@ -5,8 +5,8 @@ import os
 
 import jax
 
-MODEL_COLUMNS = ('steps', 'fd', 'fid', 'inception_score', 'accuracy', 'precision', 'recall', 'images_per_sec',
-                 'num_samples')
+MODEL_COLUMNS = ('steps', 'fd', 'fid', 'inception_score', 'clip_score', 'accuracy', 'precision', 'recall',
+                 'images_per_sec', 'num_samples')
 
 
 def _fmt(v) -> str:
@@ -22,6 +22,11 @@ def markdown(result: dict) -> str:
   if 'fid' in columns:
     intro = (f'Inception FID against {result.get("reference", {}).get("source")} (lower is better) and Inception '
              'Score (when the weights hold a classifier).')
+  elif 'clip_score' in result:
+    clip = result['clip_score']
+    intro = (f'Text-to-image: CLIP score ({clip.get("definition")}; higher is better) with the CLIP vision tower of '
+             f'{clip.get("vision_tower")}, on {clip.get("images_per_prompt")} images of each of the '
+             f'{clip.get("num_prompts")} prompts of {clip.get("prompts_file")}.')
   elif 'real_canvases' in result:
     intro = ('Text-to-image: GenEval-lite (exact checks per prompt, table below) and FD vs real test-digit canvases '
              'of the same prompts in the evaluation network\'s features (lower is better).')
