@@ -82,6 +82,19 @@ def test_training_captions_avoid_held_out_combinations_and_layouts_match():
 # ---- text encoder
 
 
+def test_digit_bank_crops_mnist_margin_so_digits_fill_their_cells():
+  # MNIST digits sit in a 20x20 box of the 28x28 image; shrinking the whole image left them ~10 px of a 14 px cell.
+  images = np.zeros((10, 28, 28, 1), np.uint8)
+  images[:, 4:24, 4:24] = 255
+  bank = t2i.DigitBank(images, np.arange(10), cell=16)
+  glyph = bank.by_class[3][0]
+  assert glyph.shape == (14, 14)
+  rows = np.flatnonzero(glyph.max(1) > 0.5)
+  assert rows[-1] - rows[0] + 1 >= 12  # The box spans nearly the whole glyph (10 rows without the crop).
+  cell = bank.draw_cell(3, 1, np.random.default_rng(0))  # Green: PALETTE[1].
+  assert cell.shape == (16, 16, 3) and cell[..., 0].max() == 0 and cell[..., 1].max() > 0.9
+
+
 def test_text_encoder_is_causal_and_pools_the_eot_token():
   net, params, ids = _text_tower(state_layer=-1)
   apply = jax.jit(net.apply)  # Three calls, one compiled program.
