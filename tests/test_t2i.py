@@ -261,7 +261,11 @@ def test_tiny_t2i_pipeline_end_to_end(tiny_t2i):
     assert 0 <= g['overall'] <= 1 and np.isfinite(row['fd']) and row['images_per_sec'] > 0
     assert row['num_samples'] == config.evaluate.num_samples
     assert os.path.exists(os.path.join(workdir, 'samples', f'{name}.png'))
-  assert 'GenEval-lite' in open(os.path.join(workdir, 'report.md')).read()
+  recon = report['tokenizer_reconstructions']  # The tokenizer's ceiling: real canvases encoded and decoded.
+  assert set(recon['geneval_lite']) == set(t2i.FAMILIES) | {'overall', 'held_out_overall'} and recon['fd'] >= 0
+  assert os.path.exists(os.path.join(workdir, 'samples', 'tokenizer_reconstructions.png'))
+  text = open(os.path.join(workdir, 'report.md')).read()
+  assert 'GenEval-lite' in text and 'real canvases through the tokenizer' in text
   assert set(report['timings_s']) == set(config.stages)
 
 

@@ -60,6 +60,9 @@ def _geneval_lines(result: dict) -> list[str]:
   rows = {name: row['geneval_lite'] for name, row in result.get('models', {}).items() if 'geneval_lite' in row}
   if 'real_canvases' in result:
     rows['real test-digit canvases'] = result['real_canvases']['geneval_lite']
+  if 'tokenizer_reconstructions' in result:
+    recon = result['tokenizer_reconstructions']
+    rows[f'real canvases through the tokenizer (FD {_fmt(recon["fd"])})'] = recon['geneval_lite']
   if not rows:
     return []
   keys = list(next(iter(rows.values())))

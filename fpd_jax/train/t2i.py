@@ -10,7 +10,9 @@ checkpoints and FPD step with compositional-caption canvases (`fpd_jax/data/t2i.
   eval_net      11-class cell classifier (digits + empty) on real cells: GenEval-lite's detector and FD features
   feature_net   the drift loss's encoder: another cell classifier (architecture, seed), applied to whole canvases
   distill       FPD (distill.trainer): groups = samples of one training prompt; teacher refinement with text CFG
-  evaluate      GenEval-lite + FD + images/s per model, captioned sample grids, report.json / report.md
+  evaluate      GenEval-lite + FD + images/s per model, captioned sample grids, report.json / report.md; also
+                real test-digit canvases (the scorer's own ceiling) and their tokenizer reconstructions (the
+                ceiling of any generator over the tokenizer's codes)
 """
 
 import os
@@ -350,9 +352,16 @@ def run_evaluate(config, workdir: str) -> dict:
     save(name, images)
     print(f'[evaluate] {name}: geneval_lite={models[name]["geneval_lite"]["overall"]:.3f} fd={fd:.4g} '
           f'images/s={speed:.1f}')
+  # The ceiling of every generator over the tokenizer's codes: the same real canvases, encoded and decoded.
+  recon = tokenizer_stage.reconstruct_images(*tokenizer_stage.load(config, workdir), real['image'])
+  recon_fd = metrics.frechet_distance_from_stats(
+      *metrics.gaussian_stats(eval_net_stage.logits_and_features(net, net_params, recon)[1]), *real_stats)
+  save('tokenizer_reconstructions', recon)
   result = {'models': models, 'eval_net': {'test_accuracy': meta['test_accuracy']},
             'real_canvases': {'geneval_lite': geneval_lite.score_images(net, net_params, per_image, real['image']),
-                              'num_samples': len(per_image)}}
+                              'num_samples': len(per_image)},
+            'tokenizer_reconstructions': {'geneval_lite': geneval_lite.score_images(net, net_params, per_image, recon),
+                                          'fd': float(recon_fd), 'num_samples': len(per_image)}}
   report.write(workdir, result)
   return {'models': list(models)}
 

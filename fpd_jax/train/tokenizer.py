@@ -14,6 +14,7 @@ import optax
 
 from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import sampling
 from fpd_jax import sharding
 from fpd_jax.data import mnist
 from fpd_jax.models import build
@@ -106,6 +107,14 @@ def _encode(model, params, images):
 def encode_images(model, params, images: np.ndarray) -> np.ndarray:
   """Token grids `[N, h, w]` of uint8 or [0,1] float images `[N, H, W, C]`, in batches."""
   return batching.map_batches(lambda x: _encode(model, params, x), images)
+
+
+def reconstruct_images(model, params, images: np.ndarray) -> np.ndarray:
+  """Images `[N, H, W, C]` encoded to tokens and decoded back, clipped to [0, 1] as samples are: what the tokenizer
+  keeps of real images, so the best any generator over its tokens can draw."""
+  grid = encode_images(model, params, images)
+  decode = jax.jit(lambda t: sampling.decode_tokens(model, params, t, grid.shape[1]))
+  return batching.map_batches(decode, grid.reshape(len(grid), -1))
 
 
 def tokenize_split(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
