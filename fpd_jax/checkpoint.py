@@ -218,6 +218,10 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[int | None, Any
 def export(directory: str, params, meta: dict | None = None) -> None:
   """Writes parameters as a standalone Orbax checkpoint (atomically), plus `meta` as JSON beside it."""
   directory = os.path.abspath(directory)
+  if jax.process_count() > 1:  # Arrays on this process's devices only (e.g. loaded frozen parameters, whole on
+    # every process) are not global arrays, which Orbax needs on several processes: they are saved from the host.
+    params = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+                          params)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory, params, force=True)
   ckptr.wait_until_finished()

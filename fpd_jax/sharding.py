@@ -177,8 +177,16 @@ class Partitioner:
     return jax.jit(init_fn, out_shardings=shardings)()
 
   def put(self, tree):
-    """Places an existing (host or device) tree onto its rule shardings, e.g. frozen parameters."""
-    return jax.device_put(tree, self.shardings(tree))
+    """Places an existing (host or device) tree onto its rule shardings, e.g. frozen parameters.
+
+    With several processes the tree must be whole on every process (as loaded parameters are): each process places
+    its own shards from its host copy (a device_put of a process-local array onto devices of other processes would
+    be a cross-host transfer, which the CPU backend refuses).
+    """
+    shardings = self.shardings(tree)
+    if jax.process_count() == 1:
+      return jax.device_put(tree, shardings)
+    return jax.tree.map(_from_host, jax.device_get(tree), shardings)
 
   def batch(self, batch):
     """This host's rows of a global batch -> global arrays split over the batch axes."""

@@ -158,7 +158,7 @@ def run_pipeline(config, workdir: str) -> dict:
                     '--implicit-dirs BUCKET /mnt/gcs) on every host and pass the mounted path.')
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')  # Per process: processes of a run share workdir.
     with open(probe, 'w'):
       pass
     os.remove(probe)
