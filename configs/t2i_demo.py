@@ -43,9 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer.num_res_blocks = 1  # ResBlocks per resolution.
   c.tokenizer.embedding_dim = 16  # Codebook vector size D.
   # The tokenizer bounds every generator's GenEval-lite: real test canvases scored after encode -> decode (the
-  # ceiling), measured with the evaluation network: K 128, lr 2e-3: 0.16 (digits blurred, colours mixed) | K 512,
-  # lr 2e-3: 0.50 (green/blue -> cyan, yellow/magenta -> red/white) | K 512, lr 5e-3 (below): 0.77 (cells: digit 0.94,
-  # colour 0.99 agreement with the real canvas). Real canvases themselves: 0.96.
+  # ceiling; report.json `tokenizer_reconstructions`), 600 steps each: digits shrunk whole (before the crop), K 128,
+  # lr 2e-3: 0.16 (digits blurred, colours mixed); K 512: 0.23 | digits cropped to fill their cells, K 512, lr 2e-3:
+  # 0.50 (green/blue -> cyan, yellow/magenta -> red/white); lr 5e-3 (below): 0.77 (cells: digit 0.94, colour 0.99
+  # agreement with the real canvas). Real canvases themselves: 0.96-0.98.
   c.tokenizer.codebook_size = 512  # K (colour x stroke shapes need far more codes than grey MNIST's 64).
   c.tokenizer.commitment_cost = 0.25  # beta of the VQ-VAE commitment loss.
   c.tokenizer.dead_code_restart_every = 100  # Steps between re-seeding unused codes (0 = off).
@@ -96,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #   600 steps at 2e-3: 0.944 -> real canvases 0.895 | 1200 at 2e-3: 0.972 -> 0.950 | 600 at 5e-3: 0.966 -> 0.951
   #   1200 steps at 5e-3 (below): 0.973 -> 0.960 overall, 0.954 held-out (~190 s on the loaded 2-core CPU);
   #   with seed 1235 and/or other canvases: 0.956-0.969 overall, 0.954-0.967 held-out.
+  #   Digits cropped to fill their cells (fpd_jax/data/t2i.py, now): 0.985 -> 0.980 overall, 0.992 held-out.
   c.eval_net = ml_collections.ConfigDict()
   c.eval_net.widths = (32, 64, 128)
   c.eval_net.feature_dim = 128
