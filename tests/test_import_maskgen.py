@@ -244,3 +244,9 @@ def test_clip_import_names_a_wrong_visual_shape_and_takes_a_text_only_file(tmp_p
                                         log=lines.append)
   assert list(metas) == ['text_encoder'] and os.listdir(tmp_path / 'text') == ['text_encoder']
   assert any('no visual.* entries' in line and 'CLIP score' in line for line in lines), lines
+  # Over an earlier full import, the text-only file would leave a vision tower of other weights: refused, unchanged.
+  import_maskgen.import_weights(str(tmp_path / 'full'), clip=FILES['clip'], sizes=sizes, log=lambda *a: None)
+  with pytest.raises(UserError, match=r'clip_vision holds the CLIP ViT-L/14-336 vision tower of an earlier import'):
+    import_maskgen.import_weights(str(tmp_path / 'full'), clip=str(tmp_path / 'text.safetensors'), sizes=sizes,
+                                  overwrite=True, log=lambda *a: None)
+  assert sorted(os.listdir(tmp_path / 'full')) == ['clip_vision', 'text_encoder']

@@ -291,7 +291,8 @@ def import_weights(out: str, generator: str | None = None, tokenizer: str | None
   """Checks the official files and writes them as `OUT/<part>/export` + `export_meta.json` (see module doc).
 
   Each file is read once; `--clip` gives the text tower and, from its `visual.*` entries, the vision tower (a file
-  without any is imported as a text tower only, logged).
+  without any is imported as a text tower only, logged; refused where `out` holds an earlier import's vision tower,
+  which would no longer match the text tower).
 
   Args:
     out: output directory.
@@ -304,8 +305,9 @@ def import_weights(out: str, generator: str | None = None, tokenizer: str | None
     `{part: meta}` of the parts written.
 
   Raises:
-    UserError: no file, a missing or unreadable file, a name or shape that does not fit (named), or an output that
-      exists (without `overwrite`) or cannot be written. Nothing is written under `out` then.
+    UserError: no file, a missing or unreadable file, a name or shape that does not fit (named), an output that
+      exists (without `overwrite`) or cannot be written, or a part of an earlier import that the files would leave
+      in place. Nothing is written under `out` then.
   """
   sources = check_sources(generator, tokenizer, clip)
   if '://' in out:
@@ -340,6 +342,11 @@ def import_weights(out: str, generator: str | None = None, tokenizer: str | None
       log(f'{part}: {os.path.basename(path)} fits {PARTS[part].what}: {loaded[part][1]["num_arrays"]} arrays, '
           f'{loaded[part][1]["num_params"]:,} parameters (sha256 {sha256[:16]}...)')
     del state
+  stale = [part for part in sources if part not in loaded and os.path.exists(os.path.join(out, part))]
+  if stale:  # E.g. a text-only --clip file over an earlier full import: the towers would no longer match.
+    raise UserError(f'{os.path.join(out, stale[0])} holds {PARTS[stale[0]].what} of an earlier import, which '
+                    f'{os.path.basename(sources[stale[0]])} does not replace; delete it (or import into a new --out) '
+                    'so that no part is left from other weights.')
   ckpt_lib.write_exports({os.path.join(out, part): value for part, value in loaded.items()}, overwrite, log)
   for part in loaded:
     log(f'{part}: wrote {os.path.join(out, part)} (export/ + export_meta.json)')
