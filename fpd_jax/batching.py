@@ -6,6 +6,14 @@ import numpy as np
 from tqdm import tqdm
 
 
+def pad_rows(x, multiple: int) -> np.ndarray:
+  """`x` with rows appended, copies of its last, up to a multiple of `multiple` rows (drop them from the output):
+  whole batches or device shards, so every batch runs one compiled program."""
+  x = np.asarray(x)
+  pad = -len(x) % multiple
+  return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+
+
 def as_float_images(images) -> np.ndarray:
   """uint8 images in 0..255 -> float32 in [0, 1]; float images pass through."""
   images = np.asarray(images)

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from jax.experimental import multihost_utils
 import numpy as np
 
+from fpd_jax import batching
 from fpd_jax.errors import UserError
 
 AXES = ('data', 'fsdp')
@@ -204,15 +205,9 @@ class Partitioner:
 
     The rows are padded to a multiple of `data_parallel` by repeating the last one; drop them after `gather`.
     """
-    leaves = jax.tree.leaves(batch)
-    n = len(leaves[0])
-    pad = -n % self.data_parallel
-
-    def one(x):
-      x = np.asarray(x)
-      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-      return _from_host(x, self.batch_sharding)
-    return jax.tree.map(one, batch), n
+    n = len(jax.tree.leaves(batch)[0])
+    return jax.tree.map(lambda x: _from_host(batching.pad_rows(x, self.data_parallel), self.batch_sharding),
+                        batch), n
 
   def gather(self, tree):
     """Global arrays (any sharding) -> numpy arrays of their whole value on every process."""

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fpd_jax import batching
 from fpd_jax.models import clip_text
 from fpd_jax.models import clip_vision
 
@@ -51,12 +52,11 @@ def make_scorer(vision: clip_vision.VisionTransformer, vision_params, text: clip
     images, ids = np.asarray(images), np.asarray(ids)
     if len(images) != len(ids) or not len(images):
       raise ValueError(f'{len(images)} images and {len(ids)} captions; pass one caption per image (at least one).')
-    pad = -len(images) % batch_size  # Whole batches: one compiled program.
-    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-    ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
+    n = len(images)
+    images, ids = batching.pad_rows(images, batch_size), batching.pad_rows(ids, batch_size)  # One program.
     values = np.concatenate([np.asarray(batch_scores(vision_params, text_params, images[i:i + batch_size],
                                                      ids[i:i + batch_size]))
-                             for i in range(0, len(images), batch_size)])[:len(images) - pad]
+                             for i in range(0, len(images), batch_size)])[:n]
     return float(values.mean()), values
 
   return score

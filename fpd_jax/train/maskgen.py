@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import conditioning as cond_lib
 from fpd_jax import sharding
@@ -225,8 +226,7 @@ def whole_batches(generate_fn, batch_size: int):
   for every batch, so a last, smaller batch is not compiled again (inside the images/s timing)."""
 
   def generate(ids, rng):
-    pad = batch_size - len(ids)
-    return generate_fn(np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)]) if pad else ids, rng)[:len(ids)]
+    return generate_fn(batching.pad_rows(ids, batch_size), rng)[:len(ids)]
 
   return generate
 
