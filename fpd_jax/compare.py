@@ -14,7 +14,9 @@ distill stage's randomness changes, the teacher is the same) it trains a student
   over seeds) given to the faster method as more steps; the slower method's `time` run is its `steps` run (a link).
   Di[M]O's schedule is constant after warmup, so its `time` run continues its `steps` run (`CONTINUABLE`).
 
-Finished runs are skipped (rerunning resumes). Every student is measured by the project's evaluator (FD, accuracy,
+Up to `config.compare.concurrent_runs` runs train at once (threads; on the 2-core demo two runs finish sooner
+than one after the other), so seconds per step are measured with that many runs sharing the machine, every method
+alike. Finished runs are skipped (rerunning resumes). Every student is measured by the project's evaluator (FD, accuracy,
 precision, recall of `config.evaluate.num_samples` samples); EMA snapshots taken every
 `num_steps / compare.snapshots` steps are measured with `compare.curve_samples` samples for the FD-vs-time plot.
 Costs per method come from the compiled step (XLA memory and cost analysis), the trained parameter count and the
@@ -22,13 +24,15 @@ measured images/s. Writes `DIR/compare.json`, `DIR/compare.md` and `DIR/compare.
 
 `--tune`: each method first tries the settings of `config.compare.tune_fpd` / `tune_dimo` (<= 4 each, overrides
 of `config.distill`) on seeds `config.compare.tune_seeds` at the `steps` budget, keeps the one of lowest mean FD,
-and the table reports `--seeds` with it (runs `<method>_tune<i>_seed<s>`, then `<method>_<budget>_set<i>_seed<s>`).
+and the table reports `--seeds` with it (runs `<method>_tune<i>_seed<s>`, then `<method>_<budget>_set<i>_seed<s>`,
+or the untuned run names when the chosen setting leaves `config.distill` as it is).
 """
 
 import ast
 import json
 import os
 import shutil
+import threading
 import time
 
 from absl import app
@@ -105,6 +109,7 @@ class Comparison:
     self.rng = jax.random.key(config.seed + 100)
     self.partitioner = sharding.Partitioner.from_config(config)
     self._samplers = {}
+    self._lock = threading.Lock()  # Runs train and are measured in threads (`compare.concurrent_runs`).
 
   # ---- Training.
   def train(self, name: str, cfg) -> dict:
@@ -139,10 +144,11 @@ class Comparison:
   def sampler(self, cfg):
     """A jitted one-step sampler per generator setting (compiled once, reused for every snapshot)."""
     settings = sampling.OneStepSettings.from_distill_config(cfg.distill)
-    if settings not in self._samplers:
-      self._samplers[settings] = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid,
-                                                                cfg.distill)
-    return self._samplers[settings]
+    with self._lock:
+      if settings not in self._samplers:
+        self._samplers[settings] = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid,
+                                                                  cfg.distill)
+      return self._samplers[settings]
 
   def measure_params(self, cfg, params, num_samples: int | None = None) -> dict:
     sample = self.sampler(cfg)
@@ -153,8 +159,8 @@ class Comparison:
     small.evaluate.num_samples = num_samples
     return evaluate.measure(small, self.evaluator.image_metrics, generate, self.rng, self.partitioner)[0]
 
-  def evaluate(self, name: str, cfg, summary: dict) -> dict:
-    """FD, accuracy, precision, recall of the run's export, and its FD curve over snapshots (cached)."""
+  def evaluate(self, name: str, cfg, summary: dict, curve: bool = True) -> dict:
+    """FD, accuracy, precision, recall of the run's export, and (`curve`) its FD curve over snapshots (cached)."""
     run_dir = os.path.join(self.root, name)
     path = os.path.join(run_dir, 'eval.json')
     if os.path.exists(path):
@@ -164,7 +170,7 @@ class Comparison:
     _, _, params, _, _ = distill.load_student(os.path.join(run_dir, 'export'))
     row = self.measure_params(cfg, params)
     seconds = dict((int(s), t) for s, t in summary['train_seconds'])
-    snaps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, 'snapshots')) if s.isdigit())
+    snaps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, 'snapshots')) if s.isdigit()) if curve else []
     curve = []
     for step in tqdm(snaps, desc=f'snapshots {name}', disable=len(snaps) < 2):
       fd = self.measure_params(cfg, load(os.path.join(run_dir, 'snapshots', str(step))),
@@ -185,6 +191,17 @@ class Comparison:
     return {'peak_memory_mib': row.get('total_gib', float('nan')) * 1024,
             'flops_per_step': row['flops_per_step'],
             'trained_params': distill.trained_parameter_count(cfg, self.teacher_params)}
+
+  def train_and_evaluate(self, name: str, cfg, curve: bool = True) -> dict:
+    return self.evaluate(name, cfg, self.train(name, cfg), curve)
+
+  def run_all(self, jobs: dict, curve: bool = True) -> dict:
+    """Trains and measures `jobs` ({name: cfg}), `compare.concurrent_runs` at a time; returns {name: eval}."""
+    out = {}
+    def one(name):
+      out[name] = self.train_and_evaluate(name, jobs[name], curve)
+    stages.run_concurrently(list(jobs), one, self.config.compare.get('concurrent_runs', 1))
+    return out
 
   def teacher_1step(self) -> dict:
     sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
@@ -217,23 +234,29 @@ def _stats(values) -> dict:
 
 
 def tune(comp: Comparison, config) -> tuple[dict, dict]:
-  """Tries each method's settings on the tuning seeds; returns ({method: (index, overrides)}, what was tried)."""
+  """Tries each method's settings on the tuning seeds; returns ({method: (index, overrides, run suffix)}, what was
+  tried). The suffix of the report's run names is '' when the chosen overrides leave `config.distill` unchanged
+  (its runs are the untuned ones, reused), else `_set<index>`.
+  """
+  settings = {m: [parse_setting(s) for s in config.compare[f'tune_{m}']] for m in METHODS}
+  for method, rows in settings.items():
+    if not 1 <= len(rows) <= MAX_SETTINGS:
+      raise UserError(f'config.compare.tune_{method} must list 1 to {MAX_SETTINGS} settings (got {len(rows)}).')
+  jobs = {f'{m}_tune{i}_seed{seed}': method_config(config, m, overrides, seed)
+          for m in METHODS for i, overrides in enumerate(settings[m]) for seed in config.compare.tune_seeds}
+  evals = comp.run_all(jobs, curve=False)  # Only the FD of the final student chooses.
   chosen, tried = {}, {}
   for method in METHODS:
-    settings = [parse_setting(s) for s in config.compare[f'tune_{method}']]
-    if not 1 <= len(settings) <= MAX_SETTINGS:
-      raise UserError(f'config.compare.tune_{method} must list 1 to {MAX_SETTINGS} settings (got {len(settings)}).')
     rows = []
-    for i, overrides in enumerate(settings):
-      fds = []
-      for seed in config.compare.tune_seeds:
-        cfg = method_config(config, method, overrides, seed)
-        name = f'{method}_tune{i}_seed{seed}'
-        fds.append(comp.evaluate(name, cfg, comp.train(name, cfg))['fd'])
+    for i, overrides in enumerate(settings[method]):
+      fds = [evals[f'{method}_tune{i}_seed{seed}']['fd'] for seed in config.compare.tune_seeds]
       rows.append({'setting': i, 'overrides': overrides, 'fd': _stats(fds)})
       print(f'[compare] {method} setting {i} {overrides}: mean FD {np.mean(fds):.3f}')
     best = min(rows, key=lambda r: r['fd']['mean'])
-    chosen[method], tried[method] = (best['setting'], best['overrides']), rows
+    unchanged = (method_config(config, method, best['overrides'], 0).distill.to_dict() ==
+                 method_config(config, method, {}, 0).distill.to_dict())
+    chosen[method] = (best['setting'], best['overrides'], '' if unchanged else f'_set{best["setting"]}')
+    tried[method] = rows
   return chosen, tried
 
 
@@ -248,20 +271,18 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
     raise UserError('config.compare.snapshots must be >= 1 and config.compare.curve_samples >= 2.')
   stages.run_distill_inputs(config, workdir)
   comp = Comparison(config, workdir)
-  chosen, tried = ({m: (None, {}) for m in METHODS}, None)
+  chosen, tried = ({m: (None, {}, '') for m in METHODS}, None)
   if do_tune:
     chosen, tried = tune(comp, config)
 
   def name(method, budget, seed):
-    index = chosen[method][0]
-    return f'{method}_{budget}' + ('' if index is None else f'_set{index}') + f'_seed{seed}'
+    return f'{method}_{budget}{chosen[method][2]}_seed{seed}'
 
   # Budget 1: equal student steps.
-  runs = {}
-  for seed in seeds:
-    for method in METHODS:
-      cfg = method_config(config, method, chosen[method][1], seed)
-      runs[(method, 'steps', seed)] = (cfg, comp.train(name(method, 'steps', seed), cfg))
+  runs = {(method, 'steps', seed): method_config(config, method, chosen[method][1], seed)
+          for seed in seeds for method in METHODS}
+  comp.run_all({name(*key): cfg for key, cfg in runs.items()})
+  runs = {key: (cfg, comp.train(name(*key), cfg)) for key, cfg in runs.items()}  # Done: reads their summaries.
   # Budget 2: equal wall-clock (the slower method's time for num_steps, given to the faster one).
   per_step = {m: float(np.mean([runs[(m, 'steps', s)][1]['seconds_per_step'] for s in seeds])) for m in METHODS}
   budget_path = os.path.join(comp.root, 'time_budget.json')
@@ -278,6 +299,7 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
                              for m in METHODS}}
     with open(budget_path, 'w') as f:
       json.dump(time_budget, f, indent=1)
+  timed = {}
   for seed in (seeds if time_budget else ()):
     for method in METHODS:
       if method == time_budget['slower']:
@@ -290,7 +312,9 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
       if method in CONTINUABLE and cfg.distill.dimo.warmup_steps < config.distill.num_steps:
         # Its `steps` run is the first num_steps of this one: train only the rest.
         continue_run(comp.root, name(method, 'steps', seed), name(method, 'time', seed))
-      runs[(method, 'time', seed)] = (cfg, comp.train(name(method, 'time', seed), cfg))
+      timed[(method, 'time', seed)] = cfg
+  comp.run_all({name(*key): cfg for key, cfg in timed.items()})
+  runs.update({key: (cfg, comp.train(name(*key), cfg)) for key, cfg in timed.items()})
   # Measurements.
   evals = {key: comp.evaluate(name(*key), cfg, summary) for key, (cfg, summary) in runs.items()}
   costs = {}
@@ -305,7 +329,8 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
                       for method in METHODS} for budget in budgets}
   out = {'seeds': list(seeds), 'num_steps': config.distill.num_steps,
          'batch_size': distill.batch_size(config.distill), 'num_samples': config.evaluate.num_samples,
-         'settings': {m: {'index': chosen[m][0], 'overrides': chosen[m][1]} for m in METHODS},
+         'settings': {m: {'index': chosen[m][0], 'overrides': chosen[m][1], 'same_as_config': not chosen[m][2]}
+                      for m in METHODS},
          'tuning': tried, 'time_budget': time_budget, 'cost': costs, 'results': results,
          'teacher_1step': comp.teacher_1step(),
          'runs': {name(*key): {'method': key[0], 'budget': key[1], **e} for key, e in evals.items()}}

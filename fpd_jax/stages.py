@@ -145,6 +145,43 @@ def use_compilation_cache(setting: str, workdir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def run_concurrently(names, run_one, max_running: int, finished: set | None = None,
+                     ready=lambda name, finished: True) -> None:
+  """Calls `run_one(name)` for each of `names` in order, up to `max_running` at once in threads, each once
+  `ready(name, finished)` holds (`finished`: the names done so far, updated here).
+
+  The first error starts nothing new; the calls still running finish (a SIGTERM or Ctrl-C makes training loops
+  stop after their current step, saved), then the error is raised.
+  """
+  pending, finished = list(names), set() if finished is None else finished
+  errors = []
+  with loop.SIGTERM, concurrent.futures.ThreadPoolExecutor(max(1, max_running)) as pool:
+    running = {}
+    try:
+      while pending or running:
+        for name in list(pending):
+          if len(running) < max_running and ready(name, finished):
+            pending.remove(name)
+            running[pool.submit(run_one, name)] = name
+        if not running:
+          raise UserError(f'stages {pending} wait for stages that are not in config.stages.')
+        # A timeout, so that this (main) thread runs the SIGTERM handler soon: the OS may deliver the signal to
+        # a worker thread, which never interrupts a blocking wait here.
+        done, _ = concurrent.futures.wait(running, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+          name = running.pop(future)
+          if future.exception() is not None:
+            errors.append(future.exception())
+            pending.clear()  # Start nothing new; the calls still running finish (or stop on SIGTERM).
+          else:
+            finished.add(name)
+    except KeyboardInterrupt:
+      loop.SIGTERM.event.set()  # The running loops save their step and stop, like on SIGTERM.
+      raise
+  if errors:
+    raise errors[0]
+
+
 def run_pipeline(config, workdir: str) -> dict:
   """Runs every stage of `config.stages` not yet done; returns `{stage: seconds}` in the order of the config.
 
@@ -196,32 +233,9 @@ def run_pipeline(config, workdir: str) -> dict:
       finished.add(name)
     else:
       pending.append(name)
-  errors = []
-  with loop.SIGTERM, concurrent.futures.ThreadPoolExecutor(max_running) as pool:
-    running = {}
-    try:
-      while pending or running:
-        for name in list(pending):
-          if len(running) < max_running and set(dependencies(name, tuple(config.stages), config.get('task', 'class'))) <= finished:
-            pending.remove(name)
-            running[pool.submit(run_stage, name)] = name
-        if not running:
-          raise UserError(f'stages {pending} wait for stages that are not in config.stages.')
-        # A timeout, so that this (main) thread runs the SIGTERM handler soon: the OS may deliver the signal to
-        # a worker thread, which never interrupts a blocking wait here.
-        done, _ = concurrent.futures.wait(running, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in done:
-          name = running.pop(future)
-          if future.exception() is not None:
-            errors.append(future.exception())
-            pending.clear()  # Start nothing new; the stages still running finish (or stop on SIGTERM).
-          else:
-            finished.add(name)
-    except KeyboardInterrupt:
-      loop.SIGTERM.event.set()  # The running stages save their step and stop, like on SIGTERM.
-      raise
-  if errors:
-    raise errors[0]
+  run_concurrently(pending, run_stage, max_running, finished,
+                   ready=lambda name, finished: set(dependencies(name, tuple(config.stages),
+                                                                 config.get('task', 'class'))) <= finished)
   if 'evaluate' in config.stages and jax.process_index() == 0:
     report.add_timings(workdir, timings, time.perf_counter() - pipeline_start)
   return {name: timings[name] for name in config.stages}

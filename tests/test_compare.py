@@ -58,10 +58,15 @@ def test_tiny_compare_with_tuning_writes_tables_and_plot(tmp_path):
     cost = out['cost'][method]
     assert cost['peak_memory_mib'] > 0 and cost['flops_per_step'] > 0 and cost['images_per_sec'] > 0
     assert out['tuning'][method][0]['overrides'] and out['settings'][method]['index'] == 0
+  # FPD's one setting is the config's own learning rate: its report runs are the untuned names; Di[M]O's is not.
+  assert out['settings']['fpd']['same_as_config'] and not out['settings']['dimo']['same_as_config']
   # Di[M]O trains two copies of the student's trainable parameters; FPD one full student.
   assert out['cost']['dimo']['trained_params'] < 2 * out['cost']['fpd']['trained_params']
   assert os.path.isdir(tmp_path / 'compare' / 'dimo_tune0_seed0' / 'export')
-  assert os.path.isdir(tmp_path / 'compare' / 'fpd_steps_set0_seed1' / 'snapshots')
+  assert os.path.isdir(tmp_path / 'compare' / 'fpd_steps_seed1' / 'snapshots')
+  assert os.path.isdir(tmp_path / 'compare' / 'dimo_steps_set0_seed1' / 'snapshots')
+  with open(tmp_path / 'compare' / 'fpd_tune0_seed0' / 'eval.json') as f:
+    assert json.load(f)['curve'] == []  # Tuning reads the final FD only: no snapshot curve is measured.
   text = open(tmp_path / 'compare.md').read()
   assert '| fpd | steps |' in text and '| dimo | time |' in text and '## Tuning' in text
   image = Image.open(tmp_path / 'compare.png')
