@@ -127,6 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (seed 0, the demo's teacher; student GenEval-lite / FD): 200 steps at lr 1e-4 (below) 0.276 / 2.53 | 400 steps
   # 0.243 / 3.66 | 200 steps at 3e-4 0.267 / 2.91 (teacher 16 steps: 0.407 / 1.77).
   c.distill.num_steps = 200
+  # Di[M]O baseline (--config.distill.method=dimo; knobs of configs/demo.py): MaskGen's token table (tied to its head)
+  # and position embeddings stay the teacher's, as MaskGIT's embeddings do on the class demo.
+  c.distill.dimo.frozen_params = (r'^embeddings$', r'^pos_embed$')
 
   # ---- Sampling of the teacher (MaskGen's sampler options; the class demo keeps constant CFG/temperature).
   c.sampling = ml_collections.ConfigDict()
@@ -145,6 +148,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate.batch_size = 240
   c.evaluate.num_samples = 40 * 6 * 4  # = prompts_per_family * 6 * images_per_prompt (checked by stages.validate).
 
+  # ---- FPD vs Di[M]O (`python -m fpd_jax.compare --config=configs/t2i_demo.py`): as the class demo (see
+  # configs/demo.py), with GenEval-lite (overall, held-out) and FD of the evaluation prompts as metrics.
+  c.compare = demo.get_config().compare
+  c.compare.select_by = 'geneval_lite'  # --tune keeps the setting of highest mean GenEval-lite.
+  c.compare.curve_samples = 20 * 6 * 4  # Snapshot curves: 20 prompts per family, images_per_prompt each.
+
   c.mesh = demo.mesh_config()  # Device mesh and partition rules, as the class demo.
   c.train = demo.get_config().train  # Checkpointing, logging, gradient clipping (see configs/demo.py).
 
@@ -157,6 +166,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _make_tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks every stage so the whole pipeline runs in seconds (tests)."""
+  c.compare.snapshots = 2
+  c.compare.curve_samples = 6 * 2  # One prompt per family.
+  c.compare.tune_seeds = (0,)
+  c.compare.tune_fpd = ('learning_rate=1e-4',)
+  c.compare.tune_dimo = ('dimo.learning_rate=1e-4',)
   c.tokenizer.channel_multipliers = (1, 1, 1)
   c.tokenizer.filters = 8
   c.tokenizer.codebook_size = 16

@@ -1,13 +1,14 @@
-r"""FPD vs Di[M]O across distillation seeds, at equal student steps and at equal wall-clock.
+r"""FPD vs Di[M]O across distillation seeds, at equal student steps and at equal wall-clock, on either demo.
 
   python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5
   python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5 --tune
   python -m fpd_jax.compare --config=configs/demo.py --workdir=runs/demo --seeds=3,4,5 --budgets=steps   # no time runs
+  python -m fpd_jax.compare --config=configs/t2i_demo.py --workdir=runs/t2i --seeds=3,4,5   # the text demo
 
-Uses the teacher, tokenizer, eval_net and feature_net of the workdir (missing stages are run first). For each
-method (`config.distill.method` = 'fpd' or 'dimo') and each distillation seed s (`config.distill.seed`: only the
-distill stage's randomness changes, the teacher is the same) it trains a student into
-`DIR/compare/<method>_<budget>_seed<s>/`:
+Uses the teacher, tokenizer, eval_net and feature_net (and the text demo's text encoder) of the workdir (missing
+stages are run first). For each method (`config.distill.method` = 'fpd' or 'dimo') and each distillation seed s
+(`config.distill.seed`: only the distill stage's randomness changes, the teacher is the same) it trains a student
+into `DIR/compare/<method>_<budget>_seed<s>/`:
 
 - budget `steps`: `config.distill.num_steps` student steps for both methods;
 - budget `time`: the slower method's wall-clock of those steps (seconds/step measured on the `steps` runs, mean
@@ -16,16 +17,18 @@ distill stage's randomness changes, the teacher is the same) it trains a student
 
 Up to `config.compare.concurrent_runs` runs train at once (threads; on the 2-core demo two runs finish sooner
 than one after the other), so seconds per step are measured with that many runs sharing the machine, every method
-alike. Finished runs are skipped (rerunning resumes). Every student is measured by the project's evaluator (FD, accuracy,
-precision, recall of `config.evaluate.num_samples` samples); EMA snapshots taken every
-`num_steps / compare.snapshots` steps are measured with `compare.curve_samples` samples for the FD-vs-time plot.
-Costs per method come from the compiled step (XLA memory and cost analysis), the trained parameter count and the
-measured images/s. Writes `DIR/compare.json`, `DIR/compare.md` and `DIR/compare.png`.
+alike. Finished runs are skipped (rerunning resumes). Every student is measured by the demo's own evaluation: on
+the class demo FD, accuracy, precision and recall of `config.evaluate.num_samples` samples; on the text demo
+GenEval-lite (overall and on held-out combinations) and FD of the fixed evaluation prompts. EMA snapshots taken
+every `num_steps / compare.snapshots` steps are measured with `compare.curve_samples` samples for the FD-vs-time
+plot. Costs per method come from the compiled step (XLA memory and cost analysis), the trained parameter count and
+the measured images/s. Writes `DIR/compare.json`, `DIR/compare.md` and `DIR/compare.png`.
 
 `--tune`: each method first tries the settings of `config.compare.tune_fpd` / `tune_dimo` (<= 4 each, overrides
-of `config.distill`) on seeds `config.compare.tune_seeds` at the `steps` budget, keeps the one of lowest mean FD,
-and the table reports `--seeds` with it (runs `<method>_tune<i>_seed<s>`, then `<method>_<budget>_set<i>_seed<s>`,
-or the untuned run names when the chosen setting leaves `config.distill` as it is).
+of `config.distill`) on seeds `config.compare.tune_seeds` at the `steps` budget, keeps the one of best mean
+`config.compare.select_by` (FD: lowest; GenEval-lite: highest), and the table reports `--seeds` with it (runs
+`<method>_tune<i>_seed<s>`, then `<method>_<budget>_set<i>_seed<s>`, or the untuned run names when the chosen
+setting leaves `config.distill` as it is).
 """
 
 import ast
@@ -53,12 +56,16 @@ from fpd_jax.eval import plot
 from fpd_jax.models import build
 from fpd_jax.tools import compile_report
 from fpd_jax.train import distill
+from fpd_jax.data import t2i as t2i_data
+from fpd_jax.train import t2i as t2i_stage
 from fpd_jax.train import teacher as teacher_stage
 from fpd_jax.train import tokenizer as tokenizer_stage
 
 METHODS = ('fpd', 'dimo')
 BUDGETS = ('steps', 'time')
-METRICS = ('fd', 'accuracy', 'precision', 'recall')
+LOWER_IS_BETTER = ('fd',)  # Metrics where less is better (the others: more is better).
+LABELS = {'fd': 'FD', 'accuracy': 'accuracy', 'precision': 'precision', 'recall': 'recall',
+          'geneval_lite': 'GenEval-lite', 'held_out': 'GenEval-lite held-out'}
 MAX_SETTINGS = 4
 # Methods whose learning-rate schedule does not depend on num_steps once the warmup fits in it (Di[M]O: constant
 # after warmup), so a longer run is its shorter run continued: the `time` run resumes the `steps` run's last
@@ -95,6 +102,103 @@ def method_config(config, method: str, overrides: dict, seed: int, num_steps: in
   return cfg
 
 
+class ClassTask:
+  """The class demo's side of a comparison: its teacher, the project's evaluator (FD, accuracy, precision, recall
+  of `evaluate.num_samples` class-balanced samples) and its distill stage."""
+  metrics = ('fd', 'accuracy', 'precision', 'recall')
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.evaluator = evaluate.Evaluator(config, workdir)
+    self.num_samples = config.evaluate.num_samples  # Per student.
+    self.tokenizer, self.tokenizer_params = tokenizer_stage.load(config, workdir)
+    self.teacher, self.teacher_params = teacher_stage.load(config, workdir)
+    self.grid = build.token_grid(config)
+    self.rng = jax.random.key(config.seed + 100)
+    self.partitioner = sharding.Partitioner.from_config(config)
+
+  def train(self, cfg, stage_dir: str, on_checkpoint) -> None:
+    distill.run(cfg, self.workdir, stage_dir=stage_dir, on_checkpoint=on_checkpoint)
+
+  def student_params(self, export_dir: str):
+    return distill.load_student(export_dir)[2]
+
+  def sampler(self, cfg):
+    """`(params, conditions, rng) -> images` of the one-step student of `cfg.distill`'s generator settings."""
+    sample = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid, cfg.distill)
+    return lambda params, labels, rng: sample(params, self.tokenizer_params, labels, rng)
+
+  def measure(self, generate, num_samples: int | None = None) -> dict:
+    """The metrics of `generate(labels, rng) -> images` (`num_samples` samples instead of the evaluator's)."""
+    if num_samples is None:
+      return self.evaluator.measure(generate, self.rng, self.partitioner)[0]
+    small = self.config.copy_and_resolve_references()
+    small.evaluate.num_samples = num_samples
+    return evaluate.measure(small, self.evaluator.image_metrics, generate, self.rng, self.partitioner)[0]
+
+  def teacher_1step(self) -> dict:
+    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
+    return self.measure(lambda labels, rng: sample(self.teacher_params, self.tokenizer_params, labels, rng))
+
+  def compile_inputs(self, cfg) -> dict:
+    return {'frozen': distill.load_frozen_params(cfg, self.workdir)}
+
+
+class TextTask:
+  """The text demo's side (`config.task = 't2i'`): the MaskGen teacher, GenEval-lite (overall and on held-out
+  combinations) and FD of the fixed evaluation prompts (`t2i.TextEvaluator`); snapshot curves use
+  `compare.curve_samples` images, as whole prompts per family."""
+  metrics = ('geneval_lite', 'held_out', 'fd')
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.evaluator = t2i_stage.TextEvaluator(config, workdir)
+    per_family = config.compare.curve_samples // (len(t2i_data.FAMILIES) * config.evaluate.images_per_prompt)
+    self.curve_evaluator = t2i_stage.TextEvaluator(config, workdir, max(1, per_family))
+    self.num_samples = len(self.evaluator.per_image)  # Per student.
+    self.teacher, self.frozen = t2i_stage.distill_inputs(config, workdir)
+    self.teacher_params = self.frozen['teacher']
+    self.tokenizer, self.tokenizer_params = tokenizer_stage.load(config, workdir)
+    self.grid = build.token_grid(config)
+    self.rng = jax.random.key(config.seed + 100)
+
+  def train(self, cfg, stage_dir: str, on_checkpoint) -> None:
+    t2i_stage.run_distill(cfg, self.workdir, stage_dir=stage_dir, on_checkpoint=on_checkpoint)
+
+  def student_params(self, export_dir: str):
+    return t2i_stage.load_student(export_dir)[2]
+
+  def sampler(self, cfg):
+    sample = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid, cfg.distill)
+    return lambda params, ids, rng: sample(params, self.tokenizer_params, ids, rng)
+
+  def measure(self, generate, num_samples: int | None = None) -> dict:
+    evaluator = self.evaluator if num_samples is None else self.curve_evaluator
+    row = evaluator.measure(generate, self.rng)[0]
+    return {'geneval_lite': row['geneval_lite']['overall'], 'held_out': row['geneval_lite']['held_out_overall'],
+            'fd': row['fd']}
+
+  def teacher_1step(self) -> dict:
+    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
+    return self.measure(lambda ids, rng: sample(self.teacher_params, self.tokenizer_params, ids, rng))
+
+  def compile_inputs(self, cfg) -> dict:
+    return {'frozen': self.frozen, 'train': distill.trainer(cfg, teacher=self.teacher)}
+
+
+TASKS = {'class': ClassTask, 't2i': TextTask}
+
+
+def task_of(config):
+  """The task class of `config.task`: the two demos are compared; anything else is refused with the fix named."""
+  task = config.get('task', 'class')
+  if task not in TASKS:
+    raise UserError(f"config.task={task!r}: fpd_jax.compare runs the demos (task 'class' or 't2i'); distil the "
+                    "released MaskGen-L with python -m fpd_jax.main --config=configs/t2i.py and "
+                    "--config.distill.method=fpd or dimo.")
+  return TASKS[task]
+
+
 class Comparison:
   """Trains, measures and tabulates the runs of one workdir."""
 
@@ -102,12 +206,8 @@ class Comparison:
     self.config, self.workdir = config, workdir
     self.root = os.path.join(workdir, 'compare')
     os.makedirs(self.root, exist_ok=True)
-    self.evaluator = evaluate.Evaluator(config, workdir)
-    self.tokenizer, self.tokenizer_params = tokenizer_stage.load(config, workdir)
-    self.teacher, self.teacher_params = teacher_stage.load(config, workdir)
-    self.grid = build.token_grid(config)
-    self.rng = jax.random.key(config.seed + 100)
-    self.partitioner = sharding.Partitioner.from_config(config)
+    self.task = task_of(config)(config, workdir)
+    self.metrics = self.task.metrics
     self._samplers = {}
     self._lock = threading.Lock()  # Runs train and are measured in threads (`compare.concurrent_runs`).
 
@@ -125,7 +225,7 @@ class Comparison:
       ckpt_lib.export(os.path.join(run_dir, 'snapshots', str(step)), state['ema_params'])
 
     start = time.perf_counter()
-    distill.run(cfg, self.workdir, stage_dir=run_dir, on_checkpoint=snapshot)
+    self.task.train(cfg, run_dir, snapshot)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
     windows = [(r['step'], (r['step'] - prev) / r['steps_per_sec'])
                for prev, r in zip([0] + [r['step'] for r in rows[:-1]], rows)]
@@ -146,29 +246,22 @@ class Comparison:
     settings = sampling.OneStepSettings.from_distill_config(cfg.distill)
     with self._lock:
       if settings not in self._samplers:
-        self._samplers[settings] = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid,
-                                                                  cfg.distill)
+        self._samplers[settings] = self.task.sampler(cfg)
       return self._samplers[settings]
 
   def measure_params(self, cfg, params, num_samples: int | None = None) -> dict:
     sample = self.sampler(cfg)
-    generate = lambda labels, rng: sample(params, self.tokenizer_params, labels, rng)
-    if num_samples is None:
-      return self.evaluator.measure(generate, self.rng, self.partitioner)[0]
-    small = self.config.copy_and_resolve_references()
-    small.evaluate.num_samples = num_samples
-    return evaluate.measure(small, self.evaluator.image_metrics, generate, self.rng, self.partitioner)[0]
+    return self.task.measure(lambda conds, rng: sample(params, conds, rng), num_samples)
 
   def evaluate(self, name: str, cfg, summary: dict, curve: bool = True) -> dict:
-    """FD, accuracy, precision, recall of the run's export, and (`curve`) its FD curve over snapshots (cached)."""
+    """The task's metrics of the run's export, and (`curve`) its FD curve over snapshots (cached)."""
     run_dir = os.path.join(self.root, name)
     path = os.path.join(run_dir, 'eval.json')
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
-    load = lambda d: ckpt_lib.load_export(d, self.teacher_params, f'snapshot {d}')
-    _, _, params, _, _ = distill.load_student(os.path.join(run_dir, 'export'))
-    row = self.measure_params(cfg, params)
+    load = lambda d: ckpt_lib.load_export(d, self.task.teacher_params, f'snapshot {d}')
+    row = self.measure_params(cfg, self.task.student_params(os.path.join(run_dir, 'export')))
     seconds = dict((int(s), t) for s, t in summary['train_seconds'])
     snaps = sorted(int(s) for s in os.listdir(os.path.join(run_dir, 'snapshots')) if s.isdigit()) if curve else []
     curve = []
@@ -176,7 +269,7 @@ class Comparison:
       fd = self.measure_params(cfg, load(os.path.join(run_dir, 'snapshots', str(step))),
                                self.config.compare.curve_samples)['fd']
       curve.append({'step': step, 'train_seconds': _seconds_at(seconds, step), 'fd': fd})
-    out = {**{k: row[k] for k in METRICS}, 'steps': summary['steps'], 'seed': summary['seed'],
+    out = {**{k: row[k] for k in self.metrics}, 'steps': summary['steps'], 'seed': summary['seed'],
            'train_seconds': _seconds_at(seconds, summary['steps']), 'seconds_per_step': summary['seconds_per_step'],
            'curve': curve}
     with open(path, 'w') as f:
@@ -187,10 +280,10 @@ class Comparison:
     """Peak memory and FLOPs of the compiled step (XLA analyses) and the trained parameter count."""
     partitioner = sharding.Partitioner.from_config(cfg)
     row = compile_report.compile_step(cfg, distill.batch_size(cfg.distill), partitioner,
-                                      distill.load_frozen_params(cfg, self.workdir))
+                                      **self.task.compile_inputs(cfg))
     return {'peak_memory_mib': row.get('total_gib', float('nan')) * 1024,
             'flops_per_step': row['flops_per_step'],
-            'trained_params': distill.trained_parameter_count(cfg, self.teacher_params)}
+            'trained_params': distill.trained_parameter_count(cfg, self.task.teacher_params, self.task.teacher)}
 
   def train_and_evaluate(self, name: str, cfg, curve: bool = True) -> dict:
     return self.evaluate(name, cfg, self.train(name, cfg), curve)
@@ -204,10 +297,8 @@ class Comparison:
     return out
 
   def teacher_1step(self) -> dict:
-    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
-    row = self.evaluator.measure(lambda labels, rng: sample(self.teacher_params, self.tokenizer_params, labels,
-                                                            rng), self.rng, self.partitioner)[0]
-    return {k: row[k] for k in METRICS}
+    row = self.task.teacher_1step()
+    return {k: row[k] for k in self.metrics}
 
 
 def continue_run(root: str, shorter: str, longer: str) -> None:
@@ -233,6 +324,14 @@ def _stats(values) -> dict:
   return {'mean': float(np.mean(values)), 'std': float(np.std(values)), 'values': values}
 
 
+def select_by(config, metrics) -> str:
+  """The metric `--tune` chooses by (`config.compare.select_by`), checked against the task's metrics."""
+  key = config.compare.get('select_by', 'fd')
+  if key not in metrics:
+    raise UserError(f'config.compare.select_by={key!r}; choose one of {list(metrics)}.')
+  return key
+
+
 def tune(comp: Comparison, config) -> tuple[dict, dict]:
   """Tries each method's settings on the tuning seeds; returns ({method: (index, overrides, run suffix)}, what was
   tried). The suffix of the report's run names is '' when the chosen overrides leave `config.distill` unchanged
@@ -244,15 +343,17 @@ def tune(comp: Comparison, config) -> tuple[dict, dict]:
       raise UserError(f'config.compare.tune_{method} must list 1 to {MAX_SETTINGS} settings (got {len(rows)}).')
   jobs = {f'{m}_tune{i}_seed{seed}': method_config(config, m, overrides, seed)
           for m in METHODS for i, overrides in enumerate(settings[m]) for seed in config.compare.tune_seeds}
-  evals = comp.run_all(jobs, curve=False)  # Only the FD of the final student chooses.
+  key = select_by(config, comp.metrics)
+  evals = comp.run_all(jobs, curve=False)  # Only the final student's metric chooses.
   chosen, tried = {}, {}
   for method in METHODS:
     rows = []
     for i, overrides in enumerate(settings[method]):
-      fds = [evals[f'{method}_tune{i}_seed{seed}']['fd'] for seed in config.compare.tune_seeds]
-      rows.append({'setting': i, 'overrides': overrides, 'fd': _stats(fds)})
-      print(f'[compare] {method} setting {i} {overrides}: mean FD {np.mean(fds):.3f}')
-    best = min(rows, key=lambda r: r['fd']['mean'])
+      values = [evals[f'{method}_tune{i}_seed{seed}'][key] for seed in config.compare.tune_seeds]
+      rows.append({'setting': i, 'overrides': overrides, key: _stats(values)})
+      print(f'[compare] {method} setting {i} {overrides}: mean {LABELS[key]} {np.mean(values):.3f}')
+    sign = 1 if key in LOWER_IS_BETTER else -1
+    best = min(rows, key=lambda r: sign * r[key]['mean'])
     unchanged = (method_config(config, method, best['overrides'], 0).distill.to_dict() ==
                  method_config(config, method, {}, 0).distill.to_dict())
     chosen[method] = (best['setting'], best['overrides'], '' if unchanged else f'_set{best["setting"]}')
@@ -264,6 +365,7 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
   """The whole comparison (`budgets`: 'steps', and 'time' unless left out); returns what `compare.json` holds."""
   if not seeds:
     raise UserError('--seeds is empty; pass distillation seeds, e.g. --seeds=3,4,5.')
+  select_by(config, task_of(config).metrics)  # A wrong task or metric fails before any stage runs.
   if 'steps' not in budgets or not set(budgets) <= set(BUDGETS):
     raise UserError(f'--budgets={",".join(budgets)}: choose steps or steps,time (the time budget is measured on '
                     'the steps runs).')
@@ -324,11 +426,12 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
                      'images_per_sec': distill.batch_size(cfg.distill) / per_step[method]}
   results = {budget: {method: {'steps': time_budget['steps'][method] if budget == 'time' else
                                config.distill.num_steps,
-                               **{k: _stats([evals[(method, budget, s)][k] for s in seeds]) for k in METRICS},
+                               **{k: _stats([evals[(method, budget, s)][k] for s in seeds]) for k in comp.metrics},
                                'train_seconds': _stats([evals[(method, budget, s)]['train_seconds'] for s in seeds])}
                       for method in METHODS} for budget in budgets}
-  out = {'seeds': list(seeds), 'num_steps': config.distill.num_steps,
-         'batch_size': distill.batch_size(config.distill), 'num_samples': config.evaluate.num_samples,
+  out = {'task': config.get('task', 'class'), 'metrics': list(comp.metrics), 'seeds': list(seeds),
+         'select_by': select_by(config, comp.metrics), 'num_steps': config.distill.num_steps,
+         'batch_size': distill.batch_size(config.distill), 'num_samples': comp.task.num_samples,
          'settings': {m: {'index': chosen[m][0], 'overrides': chosen[m][1], 'same_as_config': not chosen[m][2]}
                       for m in METHODS},
          'tuning': tried, 'time_budget': time_budget, 'cost': costs, 'results': results,
@@ -353,30 +456,34 @@ def run(config, workdir: str, seeds: list[int], do_tune: bool = False, budgets=B
 def markdown(out: dict) -> str:
   """The comparison as Markdown: one row per method and budget, then costs and the tuning tried."""
   pm = lambda s: f'{s["mean"]:.3f} ± {s["std"]:.3f}'
+  metrics = out['metrics']
   t1 = out['teacher_1step']
   budget = out['time_budget']
   timed = (f'Equal wall-clock: {budget["seconds"]:.0f} s, the slower method ({budget["slower"]}) at '
            f'{out["num_steps"]} steps.' if budget else 'Equal wall-clock: not run (--budgets=steps).')
+  teacher = ', '.join(f'{LABELS[k]} {t1[k]:.3f}' for k in metrics)
   lines = ['# FPD vs Di[M]O', '',
            f'Distillation seeds {out["seeds"]}, batch {out["batch_size"]}, {out["num_samples"]} samples per '
-           f'student; mean ± std over seeds. {timed} Teacher 1 step: FD {t1["fd"]:.3f}, accuracy '
-           f'{t1["accuracy"]:.3f}.', '',
-           '| method | budget | steps | FD | accuracy | precision | recall | train img/s | peak memory/step (MiB) '
-           '| GFLOPs/step | trained params |', '|' + '---|' * 11]
+           f'student; mean ± std over seeds. {timed} Teacher 1 step: {teacher}.', '',
+           '| method | budget | steps | ' + ' | '.join(LABELS[k] for k in metrics) +
+           ' | train img/s | peak memory/step (MiB) | GFLOPs/step | trained params |',
+           '|' + '---|' * (len(metrics) + 7)]
   for budget in out['results']:
     for method in METHODS:
       r, c = out['results'][budget][method], out['cost'][method]
-      lines.append(f'| {method} | {budget} | {r["steps"]} | {pm(r["fd"])} | {pm(r["accuracy"])} | '
-                   f'{pm(r["precision"])} | {pm(r["recall"])} | {c["images_per_sec"]:.1f} | '
-                   f'{c["peak_memory_mib"]:.1f} | {c["flops_per_step"] / 1e9:.2f} | {c["trained_params"]:,} |')
+      lines.append(f'| {method} | {budget} | {r["steps"]} | ' + ' | '.join(pm(r[k]) for k in metrics) +
+                   f' | {c["images_per_sec"]:.1f} | {c["peak_memory_mib"]:.1f} | {c["flops_per_step"] / 1e9:.2f} | '
+                   f'{c["trained_params"]:,} |')
   lines += ['', 'Settings (overrides of config.distill): ' +
             '; '.join(f'{m}: {s["overrides"] or "config defaults"}' for m, s in out['settings'].items())]
   if out['tuning']:
-    lines += ['', '## Tuning (mean FD over the tuning seeds; lowest chosen)', '',
-              '| method | setting | overrides | FD |', '|---|---|---|---|']
+    key = out['select_by']
+    best = 'lowest' if key in LOWER_IS_BETTER else 'highest'
+    lines += ['', f'## Tuning (mean {LABELS[key]} over the tuning seeds; {best} chosen)', '',
+              f'| method | setting | overrides | {LABELS[key]} |', '|---|---|---|---|']
     for method, rows in out['tuning'].items():
       for r in rows:
-        lines.append(f'| {method} | {r["setting"]} | {r["overrides"]} | {pm(r["fd"])} |')
+        lines.append(f'| {method} | {r["setting"]} | {r["overrides"]} | {pm(r[key])} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -242,8 +242,11 @@ def run_pipeline(config, workdir: str) -> dict:
 
 
 def run_distill_inputs(config, workdir: str) -> dict:
-  """Runs the `DISTILL_INPUTS` stages not yet done (for commands that distil several students of one teacher)."""
+  """Runs the stages a distillation reads (`DISTILL_INPUTS`; the text demo adds its text encoder) not yet done,
+  for commands that distil several students of one teacher."""
+  task = config.get('task', 'class')
+  needed = set(DISTILL_INPUTS) | set(DEPENDS_ON.get(task, {}).get('distill', ()))
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.stages = DISTILL_INPUTS
+    config.stages = tuple(s for s in config.stages if s in needed)
   return run_pipeline(config, workdir)

@@ -11,6 +11,8 @@ from PIL import Image
 import pytest
 
 from configs import demo
+from configs import t2i
+from configs import t2i_demo
 from fpd_jax import compare
 from fpd_jax.errors import UserError
 from fpd_jax.train import distill
@@ -77,6 +79,42 @@ def test_tiny_compare_with_tuning_writes_tables_and_plot(tmp_path):
   assert '[compare] training' not in again.stdout
   with open(tmp_path / 'compare.json') as f:
     assert json.load(f)['time_budget'] == budget
+
+
+def test_wrong_task_or_selection_metric_fails_before_any_stage_runs(tmp_path):
+  with pytest.raises(UserError, match="config.task='maskgen'.*configs/t2i.py"):
+    compare.run(t2i.get_config('smoke'), str(tmp_path), [3])
+  config = t2i_demo.get_config('tiny')
+  config.compare.select_by = 'accuracy'  # A class-demo metric.
+  with pytest.raises(UserError, match="select_by='accuracy'.*geneval_lite"):
+    compare.run(config, str(tmp_path), [3])
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # About 4 minutes on 2 cores (the tiny text pipeline first); run with -m slow.
+def test_tiny_text_compare_with_tuning(tmp_path):
+  args = [sys.executable, '-m', 'fpd_jax.compare', '--config=configs/t2i_demo.py:tiny', f'--workdir={tmp_path}',
+          '--seeds=1', '--tune', '--budgets=steps']
+  result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'compare.json') as f:
+    out = json.load(f)
+  assert out['task'] == 't2i' and out['metrics'] == ['geneval_lite', 'held_out', 'fd']
+  assert out['select_by'] == 'geneval_lite' and out['num_samples'] == 24 and out['time_budget'] is None
+  for method in ('fpd', 'dimo'):
+    row = out['results']['steps'][method]
+    for key in out['metrics']:
+      assert len(row[key]['values']) == 1 and np.isfinite(row[key]['mean'])
+    assert out['cost'][method]['flops_per_step'] > 0 and out['cost'][method]['trained_params'] > 0
+    assert set(out['teacher_1step']) == set(out['metrics'])
+  assert out['cost']['dimo']['trained_params'] < 2 * out['cost']['fpd']['trained_params']  # Frozen embeddings.
+  # The Di[M]O student is a MaskGen generator sampled with Di[M]O's one-step settings (embedding noise on).
+  with open(tmp_path / 'compare' / 'dimo_steps_set0_seed1' / 'export_meta.json') as f:
+    meta = json.load(f)
+  assert meta['config']['distill']['method'] == 'dimo' and meta['config']['task'] == 't2i'
+  text = open(tmp_path / 'compare.md').read()
+  assert '| GenEval-lite | GenEval-lite held-out | FD |' in text and 'highest chosen' in text
+  assert (tmp_path / 'compare.png').exists()
 
 
 def test_budgets_must_include_steps(tmp_path):

@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 
 from configs import demo
+from configs import t2i_demo
 from fpd_jax import mask_schedule
 from fpd_jax import sampling
 from fpd_jax.distill import dimo
 from fpd_jax.errors import UserError
+from fpd_jax.models import build
 from fpd_jax.models import maskgit
 from fpd_jax.train import distill
 from fpd_jax.train import optim
+from fpd_jax.train import t2i
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,9 +42,28 @@ def setup(tiny_fpd):
   return config, train, {'teacher': frozen['teacher'], 'tokenizer': frozen['tokenizer']}, aux, labels
 
 
-def test_student_gradient_wrt_logits_is_the_score_gap_on_remasked_positions(setup):
-  """dL/dl = (p_aux - p_teacher) / B on re-masked positions and 0 elsewhere (L is normalised by the batch B)."""
-  config, train, frozen, aux, labels = setup
+@pytest.fixture(scope='module')
+def text_setup():
+  """Di[M]O on the text demo's MaskGen teacher (tiny, random weights) with caption ids as conditions."""
+  config = t2i_demo.get_config('tiny')
+  config.distill.method = 'dimo'
+  text = t2i.text_tower(config)
+  ids = t2i.text_tokenizer(config).encode(['a red three', 'a red three', 'two fives', 'two fives'])
+  text_params = jax.jit(lambda rng: text.init(rng, jnp.asarray(ids))['params'])(jax.random.key(0))
+  model = t2i.generator(config, text_params)
+  n = build.token_grid(config) ** 2
+  teacher = jax.jit(lambda rng: model.init(rng, n, ids)['params'])(jax.random.key(1))
+  key = jax.random.key(7)
+  aux = jax.jit(lambda t: jax.tree.map(lambda p: p + 0.05 * jax.random.normal(key, p.shape), t))(teacher)
+  train = distill.trainer(config, teacher=model)
+  return config, train, {'teacher': teacher}, aux, jnp.asarray(ids)
+
+
+@pytest.mark.parametrize('which', ['class', 'text'])
+def test_student_gradient_wrt_logits_is_the_score_gap_on_remasked_positions(which, request):
+  """dL/dl = (p_aux - p_teacher) / B on re-masked positions and 0 elsewhere (L is normalised by the batch B), for
+  class labels (MaskGIT) and captions (the text demo's MaskGen)."""
+  config, train, frozen, aux, labels = request.getfixturevalue('setup' if which == 'class' else 'text_setup')
   cfg, model, n = config.distill.dimo, train.models.teacher, train.models.grid ** 2
   rng = jax.random.key(3)
   draft_rng, mask_rng = jax.random.split(rng)
@@ -154,6 +176,44 @@ def test_embedding_noise_perturbs_image_tokens_only(setup):
   # The embedding layer's output: the condition position is untouched, every image position is perturbed.
   np.testing.assert_array_equal(perturbed[:, :prefix], clean[:, :prefix])
   assert float(jnp.abs(perturbed[:, prefix:] - clean[:, prefix:]).min(axis=-1).min()) > 0
+
+
+def test_text_dimo_step_trains_both_models_and_keeps_maskgen_embeddings(text_setup):
+  config, train, frozen, aux, ids = text_setup
+  state = train.init_state(frozen['teacher'])
+  assert set(state) == {'step', 'params', 'opt_state', 'ema_params', 'aux_params', 'aux_opt_state'}
+  # At init MaskGen's adaLN-Zero gates make teacher and auxiliary predictions equal (no gap, no student gradient):
+  # start from the perturbed auxiliary model instead.
+  state['aux_params'] = aux
+  trained = optim.num_trained(frozen['teacher'], tuple(config.distill.dimo.frozen_params))
+  assert 0 < trained < optim.num_trained(frozen['teacher'])  # MaskGen's token table and positions are frozen.
+  step = jax.jit(train.step)
+  new, metrics = step(state, frozen, {'label': ids}, jax.random.key(10))
+  new, metrics = step(new, frozen, {'label': ids}, jax.random.key(11))
+  assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  for key in ('params', 'aux_params'):
+    np.testing.assert_array_equal(new[key]['embeddings'], state[key]['embeddings'])
+    np.testing.assert_array_equal(new[key]['pos_embed'], state[key]['pos_embed'])
+    changes = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new[key], state[key])
+    assert max(jax.tree.leaves(changes)) > 0, key
+
+
+def test_maskgen_embedding_noise_is_seeded_and_zero_is_off(text_setup):
+  _, train, frozen, _, ids = text_setup
+  model, n = train.models.teacher, train.models.grid ** 2
+  tokens = sampling.student_input(jax.random.key(0), ids.shape[0], n, model.codebook_size, model.mask_id, 0.6)
+
+  @jax.jit
+  def forwards(params, noise_rng):
+    return (model.logits(params, tokens, ids), model.logits(params, tokens, ids, embedding_noise=0.0),
+            model.logits(params, tokens, ids, embedding_noise=0.3, noise_rng=noise_rng))
+
+  plain, zero_noise, noisy = forwards(frozen['teacher'], jax.random.key(1))
+  np.testing.assert_array_equal(zero_noise, plain)
+  np.testing.assert_array_equal(noisy, forwards(frozen['teacher'], jax.random.key(1))[2])
+  assert float(jnp.abs(noisy - plain).max()) > 1e-3
+  assert float(jnp.abs(noisy - forwards(frozen['teacher'], jax.random.key(2))[2]).max()) > 1e-3
 
 
 def test_exported_generator_uses_dimo_settings():

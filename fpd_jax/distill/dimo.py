@@ -27,9 +27,10 @@ from fpd_jax.train import teacher as teacher_stage
 
 @dataclasses.dataclass(frozen=True)
 class DiMOModels:
-  """The module of the Di[M]O step (teacher, student and auxiliary model share it) and the token grid side."""
-  teacher: MaskGITModel
+  """The module of the Di[M]O step (teacher, student and auxiliary model share it) and its token count."""
+  teacher: MaskGITModel  # Or the text demos' MaskGen model (the same interface).
   grid: int
+  num_tokens: int = 0  # Image tokens per sample when not grid**2 (the released MaskGen's 1-D tokens).
 
 
 def draft(model: MaskGITModel, student_params, cond, rng: jax.Array, num_tokens: int, cfg):

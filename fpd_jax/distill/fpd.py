@@ -95,6 +95,18 @@ def fixed_point_gap(student_feats, target_feats) -> jax.Array:
   return jax.lax.stop_gradient(sum(gaps) / len(gaps))
 
 
+def with_frozen_text(teacher, frozen_params: dict):
+  """The teacher reading the text tower of the step's frozen inputs, where they hold one.
+
+  The released MaskGen's text tower travels with the tokenizer's frozen parameters (the decoder reads it too): the
+  teacher reads that copy, an input of the step, rather than a constant compiled into it.
+  """
+  tokenizer = frozen_params.get('tokenizer', {})
+  if hasattr(teacher, 'bind_text') and isinstance(tokenizer, dict) and 'text_encoder' in tokenizer:
+    return teacher.bind_text(tokenizer['text_encoder'])
+  return teacher
+
+
 def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels, cond, rng: jax.Array,
              cfg) -> tuple[jax.Array, tuple[dict, jax.Array]]:
   """The FPD loss of one batch of conditions (grouped contiguously by condition) and its metrics.
@@ -115,11 +127,7 @@ def fpd_loss(student_params, disc_params, frozen_params: dict, models: FPDModels
   if cfg.refine_source not in REFINE_SOURCES:
     raise ValueError(f'Unknown distill.refine_source {cfg.refine_source!r}; choose one of {REFINE_SOURCES}.')
   frozen_params = jax.lax.stop_gradient(frozen_params)
-  teacher = models.teacher
-  if hasattr(teacher, 'bind_text') and 'text_encoder' in frozen_params['tokenizer']:
-    # The released MaskGen's text tower travels with the tokenizer's frozen parameters (the decoder reads it too):
-    # the teacher reads that copy, an input of the step, rather than a constant compiled into it.
-    teacher = teacher.bind_text(frozen_params['tokenizer']['text_encoder'])
+  teacher = with_frozen_text(models.teacher, frozen_params)
   noise_rng, draft_rng, source_rng, corrupt_rng, refine_rng = jax.random.split(rng, 5)
   batch = jax.tree.leaves(cond)[0].shape[0]
   num_tokens = models.num_tokens or models.grid ** 2

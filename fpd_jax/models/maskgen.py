@@ -132,12 +132,19 @@ class MaskGenTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, text_states, pooled, aesthetic):
+  def __call__(self, tokens, text_states, pooled, aesthetic, embedding_noise: float = 0.0):
+    """`embedding_noise` sigma > 0 (Di[M]O's one-step generator input) turns the image tokens' embeddings e into
+    sigma * eps + sqrt(1 - sigma^2) * e, eps ~ N(0, I) from the `'embedding_noise'` RNG stream, before the position
+    embeddings are added (as `maskgit.Embed` does for MaskGIT)."""
     init = truncated_normal(0.02)
     rows = self.codebook_size + 1 + self.extra_embedding_rows  # + the mask token (+ unused rows).
     table = self.param('embeddings', init, (rows, self.hidden_size))
     pos = self.param('pos_embed', init, (1, self.num_tokens, self.hidden_size))
-    x = (jnp.take(table, tokens.astype(jnp.int32), axis=0) + pos[:, :tokens.shape[1]]).astype(self.dtype)
+    words = jnp.take(table, tokens.astype(jnp.int32), axis=0)
+    if embedding_noise > 0:
+      eps = jax.random.normal(self.make_rng('embedding_noise'), words.shape, words.dtype)
+      words = embedding_noise * eps + (1.0 - embedding_noise ** 2) ** 0.5 * words
+    x = (words + pos[:, :tokens.shape[1]]).astype(self.dtype)
     c = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name='text_embed_proj')(text_states)
     if self.micro_condition_dim:
       pooled = jnp.concatenate([pooled, sinusoidal_embedding(aesthetic * 100.0, self.micro_condition_dim)], -1)
@@ -188,13 +195,14 @@ class MaskGenModel:
   def logits(self, params, tokens: jax.Array, cond, *, deterministic: bool = True,
              dropout_rng: jax.Array | None = None, embedding_noise: float = 0.0,
              noise_rng: jax.Array | None = None) -> jax.Array:
-    """Logits `[B, N, K]` (MaskGen has no dropout: `deterministic` and `dropout_rng` are accepted and unused; the
-    input-embedding noise of Di[M]O's generator is not implemented for it, so `embedding_noise` must be 0)."""
-    del deterministic, dropout_rng, noise_rng
-    if embedding_noise:
-      raise UserError(f'embedding_noise={embedding_noise}: MaskGen has no input-embedding noise; set '
-                      'config.distill.dimo.embedding_noise = 0.')
-    return self._apply(lambda p, *a: self.net.apply({'params': p}, *a), params, tokens, cond)
+    """Logits `[B, N, K]` (MaskGen has no dropout: `deterministic` and `dropout_rng` are accepted and unused).
+    `embedding_noise` sigma > 0 perturbs the image tokens' embeddings with noise drawn from `noise_rng`."""
+    del deterministic, dropout_rng
+    if embedding_noise > 0 and noise_rng is None:
+      raise ValueError('embedding_noise > 0 needs noise_rng.')
+    rngs = {'embedding_noise': noise_rng} if embedding_noise > 0 else None
+    return self._apply(lambda p, *a: self.net.apply({'params': p}, *a, embedding_noise, rngs=rngs), params, tokens,
+                       cond)
 
   def guided_logits(self, params, tokens: jax.Array, cond, cfg_scale) -> jax.Array:
     """(1 + w) * cond - w * uncond with the empty caption as uncond; `cfg_scale` may be traced (guidance ramps)."""

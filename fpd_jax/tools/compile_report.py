@@ -31,10 +31,11 @@ from fpd_jax.train import maskgen as maskgen_stage
 GIB = 2 ** 30
 
 
-def compile_step(config, batch_size: int, partitioner: sharding.Partitioner, frozen=None) -> dict:
+def compile_step(config, batch_size: int, partitioner: sharding.Partitioner, frozen=None, train=None) -> dict:
   """Lowers and compiles the configured distill step (FPD or Di[M]O) for `batch_size` on the partitioner's mesh;
   returns its figures. `frozen`: the frozen parameters (or their shapes); default: shapes of those the config
-  names, loaded nowhere (imported or random weights)."""
+  names, loaded nowhere (imported or random weights). `train`: the `distill.Trainer` to compile (default: the
+  config's; the text demo passes its own, whose teacher holds the trained text encoder)."""
   config = config.copy_and_resolve_references()
   cfg = config.distill
   if batch_size % cfg.samples_per_group:
@@ -45,7 +46,7 @@ def compile_step(config, batch_size: int, partitioner: sharding.Partitioner, fro
                     'is split over.')
   cfg.groups_per_batch = batch_size // cfg.samples_per_group
   pipeline = maskgen_stage if config.get('task') == 'maskgen' else distill  # The released text-to-image teacher.
-  train = pipeline.trainer(config)
+  train = train or pipeline.trainer(config)
   if frozen is None:
     frozen = jax.eval_shape(lambda: pipeline.load_frozen_params(config, workdir=''))
   frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)

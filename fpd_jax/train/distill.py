@@ -229,17 +229,18 @@ def make_dimo_train_step(models: dimo.DiMOModels, tx, aux_tx, cfg):
   First the student's distribution-matching update against the current auxiliary model, then the auxiliary
   model's cross-entropy update on fresh drafts of the updated student (the reference's order).
   """
-  num_tokens = models.grid ** 2
+  num_tokens = models.num_tokens or models.grid ** 2
 
   def step(state, frozen_params, batch, rng):
     student_rng, aux_rng = jax.random.split(rng)
-    teacher_params = jax.lax.stop_gradient(frozen_params['teacher'])
+    frozen_params = jax.lax.stop_gradient(frozen_params)
+    model = fpd.with_frozen_text(models.teacher, frozen_params)
     grads, metrics = jax.grad(dimo.student_loss, has_aux=True)(
-        state['params'], state['aux_params'], teacher_params, models.teacher, batch['label'], student_rng,
+        state['params'], state['aux_params'], frozen_params['teacher'], model, batch['label'], student_rng,
         num_tokens, cfg.dimo)
     new_state = update_student(state, grads, tx, cfg.ema_decay)
     aux_grads, aux_metrics = jax.grad(dimo.aux_loss, has_aux=True)(
-        state['aux_params'], new_state['params'], models.teacher, batch['label'], aux_rng, num_tokens, cfg.dimo)
+        state['aux_params'], new_state['params'], model, batch['label'], aux_rng, num_tokens, cfg.dimo)
     aux_updates, new_state['aux_opt_state'] = aux_tx.update(aux_grads, state['aux_opt_state'], state['aux_params'])
     new_state['aux_params'] = optax.apply_updates(state['aux_params'], aux_updates)
     metrics.update(aux_metrics, grad_norm=optax.global_norm(grads), aux_grad_norm=optax.global_norm(aux_grads))
@@ -261,11 +262,12 @@ def dimo_optimizers(config):
   return one(d.learning_rate), one(d.aux_learning_rate)
 
 
-def trained_parameter_count(config, teacher_params) -> int:
-  """Scalars the distill stage trains: the student (+ discriminator) for FPD, student + auxiliary for Di[M]O."""
+def trained_parameter_count(config, teacher_params, teacher=None) -> int:
+  """Scalars the distill stage trains: the student (+ discriminator) for FPD, student + auxiliary for Di[M]O
+  (`teacher`: a prebuilt teacher model, as in `build_models`)."""
   if method_of(config) == 'dimo':
     return 2 * optim.num_trained(teacher_params, tuple(config.distill.dimo.frozen_params))
-  state = jax.eval_shape(trainer(config).init_state, teacher_params)
+  state = jax.eval_shape(trainer(config, teacher=teacher).init_state, teacher_params)
   return optim.num_trained(state['params']) + optim.num_trained(state.get('disc_params', {}))
 
 
@@ -295,7 +297,7 @@ def trainer(config, teacher=None, tokenizer=None, num_tokens: int = 0) -> Traine
   """The configured method's step and initial state (no parameters loaded: also used to compile abstractly);
   `teacher`, `tokenizer`, `num_tokens` as in `build_models`."""
   if method_of(config) == 'dimo':
-    return dimo_trainer(config)
+    return dimo_trainer(config, teacher, num_tokens)
   cfg = config.distill
   models = build_models(config, feature_encoder_of(config), teacher, tokenizer, num_tokens)
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
@@ -316,10 +318,13 @@ def trainer(config, teacher=None, tokenizer=None, num_tokens: int = 0) -> Traine
   return Trainer(models, make_train_step(models, tx, disc_tx, cfg), init_state, rng)
 
 
-def dimo_trainer(config) -> Trainer:
-  """The Di[M]O step; its state adds the auxiliary model and its optimizer state to the student's."""
+def dimo_trainer(config, teacher=None, num_tokens: int = 0) -> Trainer:
+  """The Di[M]O step; its state adds the auxiliary model and its optimizer state to the student's. `teacher` and
+  `num_tokens` as in `build_models` (the text pipelines' MaskGen; the released one's 1-D token count)."""
   dtype = jnp.dtype(config.distill.get('compute_dtype', 'float32'))
-  models = dimo.DiMOModels(teacher=build.teacher(config, dtype=dtype), grid=build.token_grid(config))
+  teacher = teacher if teacher is not None else build.teacher(config, dtype=dtype)
+  models = dimo.DiMOModels(teacher=teacher, grid=0 if num_tokens else build.token_grid(config),
+                           num_tokens=num_tokens)
   tx, aux_tx = dimo_optimizers(config)
   _, rng = jax.random.split(jax.random.key(distill_seed(config)))
 

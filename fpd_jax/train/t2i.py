@@ -228,25 +228,34 @@ def run_feature_net(config, workdir: str) -> dict:
 # ---- distillation
 
 
-def run_distill(config, workdir: str) -> dict:
-  """FPD of the MaskGen teacher (distill.trainer); exports the EMA student + tokenizer + text encoder."""
+def distill_inputs(config, workdir: str):
+  """(MaskGen teacher model, the distill step's frozen parameters {'teacher', 'tokenizer', 'features'}); the model
+  holds the frozen text encoder, compiled into the step (small on the demo). Di[M]O reads only the teacher's."""
+  teacher, teacher_params = load_teacher(config, workdir)
+  return teacher, {'teacher': teacher_params, 'tokenizer': tokenizer_stage.load(config, workdir)[1],
+                   'features': eval_net_stage.load('feature_net', config.feature_net, config, workdir)[1]}
+
+
+def run_distill(config, workdir: str, stage_dir: str | None = None, on_checkpoint=None) -> dict:
+  """Distills the MaskGen teacher with `distill.method` (FPD or Di[M]O); exports the EMA student + tokenizer + text
+  encoder to `<stage_dir>/export` (default `DIR/distill`). `on_checkpoint(step, state)` as in `distill.run`."""
   distill_stage.validate(config)
   cfg = config.distill
-  teacher, teacher_params = load_teacher(config, workdir)
-  frozen = {'teacher': teacher_params, 'tokenizer': tokenizer_stage.load(config, workdir)[1],
-            'features': eval_net_stage.load('feature_net', config.feature_net, config, workdir)[1]}
+  teacher, frozen = distill_inputs(config, workdir)
   train = distill_stage.trainer(config, teacher=teacher)
   tok = text_tokenizer(config)
   batch_fn = lambda s: {'label': sharding.host_rows(t2i.prompt_batch(tok, config.seed + 5, s, cfg.groups_per_batch,
                                                                      cfg.samples_per_group))}
-  stage_dir = os.path.join(workdir, 'distill')
-  state = loop.run('distill', stage_dir, loop.loop_config(config, cfg, distill_stage.batch_size(cfg)),
-                   lambda: train.init_state(frozen['teacher']), train.step, batch_fn, train.rng,
+  stage_dir = stage_dir or os.path.join(workdir, 'distill')
+  state = loop.run(os.path.basename(stage_dir), stage_dir,
+                   loop.loop_config(config, cfg, distill_stage.batch_size(cfg)),
+                   lambda: train.init_state(frozen['teacher']), train.step, batch_fn, train.rng, on_checkpoint,
                    partitioner=sharding.Partitioner.from_config(config), frozen=(frozen,))
   ckpt_lib.export(os.path.join(stage_dir, 'export'),
                   {'student': state['ema_params'], 'tokenizer': frozen['tokenizer'],
                    'text_encoder': teacher.text_params}, {'config': config.to_dict()})
-  return {'steps': cfg.num_steps, 'batch_size': distill_stage.batch_size(cfg)}
+  return {'steps': cfg.num_steps, 'batch_size': distill_stage.batch_size(cfg),
+          'method': distill_stage.method_of(config)}
 
 
 def load_student(export_dir: str):
@@ -325,43 +334,61 @@ def grid_rows(prompts: list, per_family: int = 2) -> np.ndarray:
   return np.array(keep)
 
 
+class TextEvaluator:
+  """The evaluation network, the fixed evaluation prompts (`evaluate.prompts_per_family` per family, or
+  `prompts_per_family`), their real test-digit canvases and FD statistics; measures generators of caption ids."""
+
+  def __init__(self, config, workdir: str, prompts_per_family: int | None = None):
+    cfg = config.evaluate
+    self.config = config
+    self.net, self.net_params, self.meta = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
+    self.prompts = t2i.eval_prompts(prompts_per_family or cfg.prompts_per_family)
+    self.per_image = [p for p in self.prompts for _ in range(cfg.images_per_prompt)]
+    self.captions = [p.caption for p in self.per_image]
+    self.ids = text_tokenizer(config).encode(self.captions)
+    self.real = t2i.canvas_batch(bank(config, workdir, 'test'), self.per_image,
+                                 np.random.default_rng(config.seed + 100))['image']
+    self.real_stats = metrics.gaussian_stats(self.features(self.real))
+
+  def features(self, images):
+    return eval_net_stage.logits_and_features(self.net, self.net_params, images)[1]
+
+  def image_metrics(self, images) -> dict:
+    """GenEval-lite of canvases made for `self.per_image` and their FD against the real canvases."""
+    fd = metrics.frechet_distance_from_stats(*metrics.gaussian_stats(self.features(images)), *self.real_stats)
+    return {'geneval_lite': geneval_lite.score_images(self.net, self.net_params, self.per_image, images),
+            'fd': float(fd), 'num_samples': len(images)}
+
+  def measure(self, generate_fn, rng: jax.Array) -> tuple[dict, np.ndarray]:
+    """(metrics row with images/s, images) of `generate_fn(ids, rng) -> images` on the evaluation prompts."""
+    images, speed = generate(generate_fn, self.ids, rng, self.config.evaluate.batch_size)
+    return {**self.image_metrics(images), 'images_per_sec': speed}, images
+
+
 def run_evaluate(config, workdir: str) -> dict:
   """GenEval-lite (per task, overall, held-out overall), FD vs real canvases and images/s of every model."""
   cfg = config.evaluate
-  net, net_params, meta = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
-  prompts = t2i.eval_prompts(cfg.prompts_per_family)
-  per_image = [p for p in prompts for _ in range(cfg.images_per_prompt)]
-  captions = [p.caption for p in per_image]
-  ids = text_tokenizer(config).encode(captions)
-  real = t2i.canvas_batch(bank(config, workdir, 'test'), per_image, np.random.default_rng(config.seed + 100))
-  real_feats = eval_net_stage.logits_and_features(net, net_params, real['image'])[1]
-  real_stats = metrics.gaussian_stats(real_feats)
-  rows = grid_rows(prompts)
+  ev = TextEvaluator(config, workdir)
+  rows = grid_rows(ev.prompts)
   pick = (rows[:, None] * cfg.images_per_prompt + np.arange(cfg.images_per_prompt)).reshape(-1)
   save = lambda name, images: grid_lib.save_png(os.path.join(workdir, 'samples', f'{name}.png'), captioned_grid(
-      images[pick], [captions[i] for i in pick], cfg.images_per_prompt))
-  save('real', real['image'])
+      images[pick], [ev.captions[i] for i in pick], cfg.images_per_prompt))
+  save('real', ev.real)
   models = {}
   rng = jax.random.key(config.seed + 100)
   for name, (steps, generate_fn) in samplers(config, workdir, student='distill' in config.stages).items():
-    images, speed = generate(generate_fn, ids, rng, cfg.batch_size)
-    feats = eval_net_stage.logits_and_features(net, net_params, images)[1]
-    fd = metrics.frechet_distance_from_stats(*metrics.gaussian_stats(feats), *real_stats)
-    models[name] = {'steps': steps, 'geneval_lite': geneval_lite.score_images(net, net_params, per_image, images),
-                    'fd': float(fd), 'images_per_sec': speed, 'num_samples': len(images)}
+    row, images = ev.measure(generate_fn, rng)
+    models[name] = {'steps': steps, **row}
     save(name, images)
-    print(f'[evaluate] {name}: geneval_lite={models[name]["geneval_lite"]["overall"]:.3f} fd={fd:.4g} '
-          f'images/s={speed:.1f}')
+    print(f'[evaluate] {name}: geneval_lite={row["geneval_lite"]["overall"]:.3f} fd={row["fd"]:.4g} '
+          f'images/s={row["images_per_sec"]:.1f}')
   # The ceiling of every generator over the tokenizer's codes: the same real canvases, encoded and decoded.
-  recon = tokenizer_stage.reconstruct_images(*tokenizer_stage.load(config, workdir), real['image'])
-  recon_fd = metrics.frechet_distance_from_stats(
-      *metrics.gaussian_stats(eval_net_stage.logits_and_features(net, net_params, recon)[1]), *real_stats)
+  recon = tokenizer_stage.reconstruct_images(*tokenizer_stage.load(config, workdir), ev.real)
   save('tokenizer_reconstructions', recon)
-  result = {'models': models, 'eval_net': {'test_accuracy': meta['test_accuracy']},
-            'real_canvases': {'geneval_lite': geneval_lite.score_images(net, net_params, per_image, real['image']),
-                              'num_samples': len(per_image)},
-            'tokenizer_reconstructions': {'geneval_lite': geneval_lite.score_images(net, net_params, per_image, recon),
-                                          'fd': float(recon_fd), 'num_samples': len(per_image)}}
+  result = {'models': models, 'eval_net': {'test_accuracy': ev.meta['test_accuracy']},
+            'real_canvases': {'geneval_lite': geneval_lite.score_images(ev.net, ev.net_params, ev.per_image, ev.real),
+                              'num_samples': len(ev.per_image)},
+            'tokenizer_reconstructions': ev.image_metrics(recon)}
   report.write(workdir, result)
   return {'models': list(models)}
 
