@@ -102,7 +102,21 @@ def method_config(config, method: str, overrides: dict, seed: int, num_steps: in
   return cfg
 
 
-class ClassTask:
+class _Task:
+  """What both demos' sides share: the one-step student sampler and the teacher's 1-step row (subclasses set
+  `teacher`, `teacher_params`, `tokenizer`, `tokenizer_params`, `grid`, `config` and `measure`)."""
+
+  def sampler(self, cfg):
+    """`(params, conditions, rng) -> images` of the one-step student of `cfg.distill`'s generator settings."""
+    sample = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid, cfg.distill)
+    return lambda params, conds, rng: sample(params, self.tokenizer_params, conds, rng)
+
+  def teacher_1step(self) -> dict:
+    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
+    return self.measure(lambda conds, rng: sample(self.teacher_params, self.tokenizer_params, conds, rng))
+
+
+class ClassTask(_Task):
   """The class demo's side of a comparison: its teacher, the project's evaluator (FD, accuracy, precision, recall
   of `evaluate.num_samples` class-balanced samples) and its distill stage."""
   metrics = ('fd', 'accuracy', 'precision', 'recall')
@@ -123,11 +137,6 @@ class ClassTask:
   def student_params(self, export_dir: str):
     return distill.load_student(export_dir)[2]
 
-  def sampler(self, cfg):
-    """`(params, conditions, rng) -> images` of the one-step student of `cfg.distill`'s generator settings."""
-    sample = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid, cfg.distill)
-    return lambda params, labels, rng: sample(params, self.tokenizer_params, labels, rng)
-
   def measure(self, generate, num_samples: int | None = None) -> dict:
     """The metrics of `generate(labels, rng) -> images` (`num_samples` samples instead of the evaluator's)."""
     if num_samples is None:
@@ -136,15 +145,11 @@ class ClassTask:
     small.evaluate.num_samples = num_samples
     return evaluate.measure(small, self.evaluator.image_metrics, generate, self.rng, self.partitioner)[0]
 
-  def teacher_1step(self) -> dict:
-    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
-    return self.measure(lambda labels, rng: sample(self.teacher_params, self.tokenizer_params, labels, rng))
-
   def compile_inputs(self, cfg) -> dict:
     return {'frozen': distill.load_frozen_params(cfg, self.workdir)}
 
 
-class TextTask:
+class TextTask(_Task):
   """The text demo's side (`config.task = 't2i'`): the MaskGen teacher, GenEval-lite (overall and on held-out
   combinations) and FD of the fixed evaluation prompts (`t2i.TextEvaluator`); snapshot curves use
   `compare.curve_samples` images, as whole prompts per family."""
@@ -168,19 +173,11 @@ class TextTask:
   def student_params(self, export_dir: str):
     return t2i_stage.load_student(export_dir)[2]
 
-  def sampler(self, cfg):
-    sample = sampling.student_image_sampler(self.teacher, self.tokenizer, self.grid, cfg.distill)
-    return lambda params, ids, rng: sample(params, self.tokenizer_params, ids, rng)
-
   def measure(self, generate, num_samples: int | None = None) -> dict:
     evaluator = self.evaluator if num_samples is None else self.curve_evaluator
     row = evaluator.measure(generate, self.rng)[0]
     return {'geneval_lite': row['geneval_lite']['overall'], 'held_out': row['geneval_lite']['held_out_overall'],
             'fd': row['fd']}
-
-  def teacher_1step(self) -> dict:
-    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
-    return self.measure(lambda ids, rng: sample(self.teacher_params, self.tokenizer_params, ids, rng))
 
   def compile_inputs(self, cfg) -> dict:
     return {'frozen': self.frozen, 'train': distill.trainer(cfg, teacher=self.teacher)}
