@@ -20,10 +20,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = 't2i'  # Picks the text-to-image stages (fpd_jax/train/t2i.py); the class demo has 'class'.
   c.seed = 0  # Root seed: every stage derives its own keys (and its canvases/captions) from it and the step.
-  c.stages = ('data', 'tokenizer', 'text_encoder', 'teacher', 'eval_net', 'feature_net', 'distill', 'evaluate')
-  # Stages run at once when neither reads the other (fpd_jax/stages.py DEPENDS_ON['t2i']): the text encoder beside
-  # the tokenizer, the cell classifiers beside the teacher. One small model keeps ~1.2 of 2 CPU cores busy.
+  c.stages = ('data', 'tokenizer', 'text_encoder', 'eval_net', 'teacher', 'feature_net', 'distill', 'evaluate')
+  # Stages start in this order, each once what it reads is done (fpd_jax/stages.py DEPENDS_ON['t2i']), two at a
+  # time: the text encoder beside the tokenizer, then the cell classifiers beside the tokenizer or the teacher. One
+  # small model keeps ~1.2 of 2 CPU cores busy.
   c.concurrent_stages = 2
+  c.cpu_devices = 0  # JAX devices a CPU-only host is split into (see configs/demo.py).
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
   c.distributed = False  # Multi-process run: jax.distributed.initialize() first.
 

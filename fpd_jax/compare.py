@@ -16,13 +16,14 @@ into `DIR/compare/<method>_<budget>_seed<s>/`:
   Di[M]O's schedule is constant after warmup, so its `time` run continues its `steps` run (`CONTINUABLE`).
 
 Up to `config.compare.concurrent_runs` runs train at once (threads; on the 2-core demo two runs finish sooner
-than one after the other), so seconds per step are measured with that many runs sharing the machine, every method
-alike. Finished runs are skipped (rerunning resumes). Every student is measured by the demo's own evaluation: on
-the class demo FD, accuracy, precision and recall of `config.evaluate.num_samples` samples; on the text demo
-GenEval-lite (overall and on held-out combinations) and FD of the fixed evaluation prompts. EMA snapshots taken
-every `num_steps / compare.snapshots` steps are measured with `compare.curve_samples` samples for the FD-vs-time
-plot. Costs per method come from the compiled step (XLA memory and cost analysis), the trained parameter count and
-the measured images/s. Writes `DIR/compare.json`, `DIR/compare.md` and `DIR/compare.png`.
+than one after the other; one at a time on several devices, see `stages.concurrent_slots`), so seconds per step
+are measured with that many runs sharing the machine, every method alike. Finished runs are skipped (rerunning
+resumes). Every student is measured by the demo's own evaluation: on the class demo FD, accuracy, precision and
+recall of `config.evaluate.num_samples` samples; on the text demo GenEval-lite (overall and on held-out
+combinations) and FD of the fixed evaluation prompts. EMA snapshots taken every `num_steps / compare.snapshots`
+steps are measured with `compare.curve_samples` samples for the FD-vs-time plot. Costs per method come from the
+compiled step (XLA memory and cost analysis), the trained parameter count and the measured images/s. Writes
+`DIR/compare.json`, `DIR/compare.md` and `DIR/compare.png`.
 
 `--tune`: each method first tries the settings of `config.compare.tune_fpd` / `tune_dimo` (<= 4 each, overrides
 of `config.distill`) on seeds `config.compare.tune_seeds` at the `steps` budget, keeps the one of best mean
@@ -290,7 +291,7 @@ class Comparison:
     out = {}
     def one(name):
       out[name] = self.train_and_evaluate(name, jobs[name], curve)
-    stages.run_concurrently(list(jobs), one, self.config.compare.get('concurrent_runs', 1))
+    stages.run_concurrently(list(jobs), one, stages.concurrent_slots(self.config.compare.get('concurrent_runs', 1)))
     return out
 
   def teacher_1step(self) -> dict:

@@ -6,6 +6,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import chex
 import jax
@@ -52,6 +54,7 @@ def test_end_to_end_report_and_artifacts(tiny_run):
   assert 0 <= report['eval_net']['test_accuracy'] <= 1
   assert set(report['tokenizer']) == {'recon_mse', 'recon_fd', 'codebook_usage'}
   assert set(report['timings_s']) == set(config.stages)
+  assert report['devices'] == {'count': jax.device_count(), 'kind': jax.devices()[0].device_kind, 'processes': 1}
   assert 'teacher_1step' in open(os.path.join(workdir, 'report.md')).read()
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'teacher', 'metrics.jsonl'))]
   assert [r['step'] for r in rows] == list(range(config.train.log_every, config.teacher.num_steps + 1,
@@ -67,8 +70,10 @@ def _done(workdir, name):
 def test_concurrent_stages_overlap_and_compute_what_sequential_stages_compute(tiny_run, tmp_path):
   config, workdir, _ = tiny_run
   assert config.concurrent_stages == 2
-  # eval_net reads only the data: it trained while the tokenizer did.
+  # Stages start in the config's order: eval_net (reads only the data) beside the tokenizer, feature_net once the
+  # teacher started.
   assert _done(workdir, 'eval_net')['started_at'] < _done(workdir, 'tokenizer')['finished_at']
+  assert _done(workdir, 'feature_net')['started_at'] >= _done(workdir, 'teacher')['started_at']
   # Training starts after what it reads: teacher after tokenizer, distill after teacher and feature_net.
   assert _done(workdir, 'teacher')['started_at'] >= _done(workdir, 'tokenizer')['finished_at']
   for dep in ('teacher', 'feature_net'):
@@ -82,6 +87,23 @@ def test_concurrent_stages_overlap_and_compute_what_sequential_stages_compute(ti
                               tokenizer_stage.load(sequential, str(tmp_path))[1])
   chex.assert_trees_all_equal(eval_net_stage.load('eval_net', config.eval_net, config, workdir)[1],
                               eval_net_stage.load('eval_net', sequential.eval_net, sequential, str(tmp_path))[1])
+
+
+def test_stages_start_in_order_and_share_devices_only_on_one_device(monkeypatch):
+  started, lock = [], threading.Lock()
+
+  def run_one(name):
+    with lock:
+      started.append(name)
+    time.sleep(0.3 if name == 'a' else 0.0)
+
+  # 'c' is ready at once but waits for 'b', which waits for 'a' to finish; 'd' then runs beside 'b' or 'c'.
+  stages.run_concurrently(['a', 'b', 'c', 'd'], run_one, 2,
+                          ready=lambda name, finished: name != 'b' or 'a' in finished)
+  assert started == ['a', 'b', 'c', 'd']
+  assert stages.concurrent_slots(2) == 2
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)  # Two programs on two devices could deadlock collectives.
+  assert stages.concurrent_slots(2) == 1
 
 
 def test_stage_dependencies():

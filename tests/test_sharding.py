@@ -74,3 +74,22 @@ def test_multidevice_suite_on_8_fake_devices():
 # checkpoint restore across meshes, sampling on 3 devices and Inception activations on 8 devices.
 def test_whole_multidevice_suite_on_8_fake_devices():
   _multidevice_suite()
+
+
+_COUNT_DEVICES = ('import sys; from fpd_jax import stages; import jax; '
+                  '{before}stages.use_cpu_devices(int(sys.argv[1])); print(jax.device_count())')
+
+
+@pytest.mark.parametrize('count,xla_flags,jax_ran_first,expected', [
+    (3, '', False, 3),  # A fresh process is split.
+    (0, '', False, 1),  # 0 keeps JAX's default.
+    (3, '--xla_force_host_platform_device_count=5', False, 5),  # launch/local.sh --fake-devices wins.
+    (3, '', True, 1),  # JAX already ran (e.g. a test process): left as it is, no error.
+])
+def test_use_cpu_devices_splits_a_fresh_cpu_host(count, xla_flags, jax_ran_first, expected):
+  code = _COUNT_DEVICES.format(before='jax.numpy.zeros(1).block_until_ready(); ' if jax_ran_first else '')
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', code, str(count)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split()[-1] == str(expected)

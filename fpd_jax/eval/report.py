@@ -51,7 +51,9 @@ def markdown(result: dict) -> str:
       lines += ['', f'## {section}', '', '| key | value |', '|---|---|']
       lines += [f'| {k} | {_fmt(v)} |' for k, v in result[section].items()]
   if 'wall_clock_s' in result:
-    lines += ['', f'Wall clock of the run (stages may overlap): {_fmt(result["wall_clock_s"])} s.']
+    devices = result.get('devices')
+    on = f' on {devices["count"]} {devices["kind"]} device(s)' if devices else ''
+    lines += ['', f'Wall clock of the run (stages may overlap){on}: {_fmt(result["wall_clock_s"])} s.']
   return '\n'.join(lines) + '\n'
 
 
@@ -81,9 +83,9 @@ def write(workdir: str, result: dict) -> None:
     os.replace(path + '.tmp', path)
 
 
-def add_timings(workdir: str, timings: dict, wall_clock: float) -> None:
-  """Adds `timings_s` (seconds per stage; stages may overlap) and `wall_clock_s` (seconds the command that ran
-  the last stages took, skipped stages excluded) to an existing report."""
+def add_timings(workdir: str, timings: dict, wall_clock: float, devices: dict | None = None) -> None:
+  """Adds `timings_s` (seconds per stage; stages may overlap), `wall_clock_s` (seconds the command that ran
+  the last stages took, skipped stages excluded) and `devices` (what they ran on) to an existing report."""
   path = os.path.join(workdir, 'report.json')
   if not os.path.exists(path):
     return
@@ -91,4 +93,6 @@ def add_timings(workdir: str, timings: dict, wall_clock: float) -> None:
     result = json.load(f)
   result['timings_s'] = timings
   result['wall_clock_s'] = wall_clock
+  if devices:
+    result['devices'] = devices
   write(workdir, result)

@@ -16,7 +16,6 @@ checkpoints and FPD step with compositional-caption canvases (`fpd_jax/data/t2i.
 """
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fpd_jax import batching
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import conditioning as cond_lib
 from fpd_jax import sampling
@@ -295,13 +295,12 @@ def samplers(config, workdir: str, steps=None, student: bool = True) -> dict:
 
 
 def generate(generate_fn, ids: np.ndarray, rng: jax.Array, batch_size: int) -> tuple[np.ndarray, float]:
-  """(images [len(ids), H, W, 3] float in [0, 1], images/s after compilation) of a generator over caption ids."""
-  batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
-  jax.block_until_ready(generate_fn(batches[0], rng))  # Compile outside the timing.
-  start = time.perf_counter()
-  images = [generate_fn(b, jax.random.fold_in(rng, i)) for i, b in enumerate(batches)]
-  images = np.concatenate([np.asarray(jax.block_until_ready(x)) for x in images])
-  return images, len(images) / (time.perf_counter() - start)
+  """(images [len(ids), H, W, 3] float in [0, 1], images/s after compilation) of a generator over caption ids.
+
+  Batch `i` uses the key `fold_in(rng, i)` on the first device (`batching.sample_on_mesh`: the first batch compiles,
+  the others are timed)."""
+  one_device = sharding.Partitioner.from_config({}, jax.devices()[:1])
+  return batching.sample_on_mesh(one_device, generate_fn, np.asarray(ids), batch_size, rng, timed=True)
 
 
 def sample_prompts(workdir: str, model: str, steps: int, prompts: list[str], num: int, seed: int,
