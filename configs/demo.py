@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stages start in this order; a finished stage is skipped on rerun, an interrupted one resumes. The order decides
   # what runs beside what (below): the evaluation network beside the tokenizer, the feature network beside the
   # teacher. Measured on 2 cores: the tokenizer alone took 255 s, beside eval_net 333 s, but the teacher beside
-  # eval_net ran at 0.85 s/step against 0.47 alone, so the other order took ~100 s longer in all.
+  # eval_net ran at 0.85 s/step against 0.47 alone; a run in the other order was heading for ~100 s more in all.
   c.stages = ('data', 'tokenizer', 'eval_net', 'teacher', 'feature_net', 'distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
   c.distributed = False  # Multi-process run: jax.distributed.initialize() first (the launch/ scripts set it).
