@@ -113,8 +113,8 @@ class _Task:
     return lambda params, conds, rng: sample(params, self.tokenizer_params, conds, rng)
 
   def teacher_1step(self) -> dict:
-    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, 1, self.config)
-    return self.measure(lambda conds, rng: sample(self.teacher_params, self.tokenizer_params, conds, rng))
+    sample = sampling.teacher_image_sampler(self.teacher, self.tokenizer, self.grid, self.config)
+    return self.measure(lambda conds, rng: sample(self.teacher_params, self.tokenizer_params, conds, rng, 1))
 
 
 class ClassTask(_Task):

@@ -85,7 +85,8 @@ def sampler(workdir: str, model: str, steps: int, partitioner: sharding.Partitio
   else:
     teacher, params = teacher_stage.load(config, workdir)
     tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
-    sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), steps, config)
+    teacher_sample = sampling.teacher_image_sampler(teacher, tokenizer, build.token_grid(config), config)
+    sample = lambda *args: teacher_sample(*args, steps)
   params, tokenizer_params = partitioner.replicate((params, tokenizer_params))
   return config, lambda labels, rng: sample(params, tokenizer_params, labels, rng)
 

@@ -42,7 +42,7 @@ def iterative_decode(model: MaskGITModel, params, cond, rng: jax.Array, *, num_t
     cond: condition pytree (batch leading).
     rng: PRNG key.
     num_tokens: N.
-    num_steps: T >= 1.
+    num_steps: T >= 1 (a Python int or a traced int32 scalar; `return_trace` needs a Python int).
     temperature: sampling temperature tau.
     choice_temperature: scale of the Gumbel noise on the re-masking confidence (annealed linearly to 0).
     cfg_scale: classifier-free guidance w (0: none).
@@ -144,15 +144,17 @@ def decode_settings(config) -> dict:
           'cfg_schedule': s.get('cfg_schedule', 'constant'), 'temperature_end': s.get('temperature_end', None)}
 
 
-def teacher_image_sampler(model: MaskGITModel, tokenizer, grid: int, num_steps: int, config):
-  """A jitted `(teacher_params, tokenizer_params, cond, rng) -> images [B, H, W, C] in [0, 1]`.
+def teacher_image_sampler(model: MaskGITModel, tokenizer, grid: int, config):
+  """A jitted `(teacher_params, tokenizer_params, cond, rng, num_steps) -> images [B, H, W, C] in [0, 1]`.
 
   Iterative decoding with `num_steps` steps and the config's `decode_settings`, then the tokenizer's decoder.
+  `num_steps` is traced (an int32 scalar), so one compiled program serves every step count (the evaluation's
+  teacher rows compile once, not once per row).
   """
   settings = decode_settings(config)
 
   @jax.jit
-  def sample(params, tokenizer_params, cond, rng):
+  def sample(params, tokenizer_params, cond, rng, num_steps):
     tokens = iterative_decode(model, params, cond, rng, num_tokens=grid * grid, num_steps=num_steps, **settings)
     return decode_tokens(tokenizer, tokenizer_params, tokens, grid)
 

@@ -1,5 +1,6 @@
 """Mask schedule and MaskGIT decoding invariants."""
 
+import functools
 import math
 
 import jax
@@ -112,8 +113,8 @@ def test_teacher_sampler_decodes_with_the_configured_mask_schedule(tiny_fpd):
   config.teacher.mask_schedule = 'linear'
   models, frozen, _ = tiny_fpd(config)
   labels, rng, steps = jnp.arange(4) % 10, jax.random.key(4), 2
-  images = sampling.teacher_image_sampler(models.teacher, models.tokenizer, models.grid, steps, config)(
-      frozen['teacher'], frozen['tokenizer'], labels, rng)
+  images = sampling.teacher_image_sampler(models.teacher, models.tokenizer, models.grid, config)(
+      frozen['teacher'], frozen['tokenizer'], labels, rng, steps)
 
   def expected(schedule, params):
     tokens = sampling.iterative_decode(models.teacher, params['teacher'], labels, rng, num_tokens=models.grid ** 2,
@@ -126,3 +127,23 @@ def test_teacher_sampler_decodes_with_the_configured_mask_schedule(tiny_fpd):
   linear, cosine = jax.jit(lambda params: (expected('linear', params), expected('cosine', params)))(frozen)
   assert not np.allclose(linear, cosine)  # The schedules differ at T=2 (24 vs 34 of 49 tokens stay masked).
   np.testing.assert_allclose(images, linear, atol=1e-5)
+
+
+def test_teacher_sampler_compiles_once_for_every_step_count(tiny_fpd):
+  """The step count is traced: one program serves 1, 2 and 3 steps, and each equals decoding with a static count."""
+  config = demo.get_config('tiny')
+  models, frozen, _ = tiny_fpd(config)
+  labels, rng = jnp.arange(4) % 10, jax.random.key(5)
+  sample = sampling.teacher_image_sampler(models.teacher, models.tokenizer, models.grid, config)
+  images = {steps: sample(frozen['teacher'], frozen['tokenizer'], labels, rng, steps) for steps in (1, 2, 3)}
+  assert sample._cache_size() == 1
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def static(params, steps):
+    tokens = sampling.iterative_decode(models.teacher, params['teacher'], labels, rng, num_tokens=models.grid ** 2,
+                                       num_steps=steps, **sampling.decode_settings(config))
+    return sampling.decode_tokens(models.tokenizer, params['tokenizer'], tokens, models.grid)
+
+  assert not np.allclose(images[1], images[3])
+  for steps, got in images.items():
+    np.testing.assert_allclose(got, static(frozen, steps), atol=1e-5, err_msg=f'{steps} steps')

@@ -186,11 +186,11 @@ def teacher_generators(config, workdir: str,
   tokenizer, tokenizer_params = tokenizer_stage.load(config, workdir)
   teacher_params, tokenizer_params = partitioner.replicate((teacher_params, tokenizer_params))
   grid = build.token_grid(config)
+  sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, config)  # One program for every step count.
   out = {}
   for steps in config.evaluate.teacher_steps:
-    sample = sampling.teacher_image_sampler(teacher, tokenizer, grid, steps, config)
-    out[f'teacher_{steps}step'] = (steps, lambda labels, rng, sample=sample: sample(
-        teacher_params, tokenizer_params, labels, rng))
+    out[f'teacher_{steps}step'] = (steps, lambda labels, rng, steps=steps: sample(
+        teacher_params, tokenizer_params, labels, rng, steps))
   return out
 
 

@@ -131,9 +131,9 @@ def sampling_row(config, frozen, devices: list, num_steps: int, batches: int) ->
   (`batching.sample_on_mesh`: batches of `evaluate.batch_size` split over the devices)."""
   partitioner = sharding.Partitioner.from_config({}, devices)
   sample = sampling.teacher_image_sampler(build.teacher(config), build.tokenizer(config), build.token_grid(config),
-                                          num_steps, config)
+                                          config)
   params, tokenizer_params = partitioner.replicate((frozen['teacher'], frozen['tokenizer']))
-  generate = lambda labels, rng: sample(params, tokenizer_params, labels, rng)
+  generate = lambda labels, rng: sample(params, tokenizer_params, labels, rng, num_steps)
   batch_size = config.evaluate.batch_size
   labels = (np.arange(batch_size * batches) % config.data.num_classes).astype(np.int32)
   batching.sample_on_mesh(partitioner, generate, labels[:batch_size], batch_size, jax.random.key(0))  # Compile.
@@ -145,10 +145,11 @@ def sampling_row(config, frozen, devices: list, num_steps: int, batches: int) ->
           'images_per_sec': len(labels) / seconds}
 
 
-def sampler_row(name: str, sample, params, tokenizer_params, labels, steps: int, device) -> dict:
-  """Images/s of a jitted sampler `(params, tokenizer_params, labels, rng) -> images`."""
-  compiled = sample.lower(params, tokenizer_params, labels, jax.random.key(0)).compile()
-  row = _timed_row(compiled, lambda i: compiled(params, tokenizer_params, labels, jax.random.key(i)), steps,
+def sampler_row(name: str, sample, params, tokenizer_params, labels, steps: int, device, extra=()) -> dict:
+  """Images/s of a jitted sampler `(params, tokenizer_params, labels, rng, *extra) -> images` (`extra`: the
+  teacher's step count)."""
+  compiled = sample.lower(params, tokenizer_params, labels, jax.random.key(0), *extra).compile()
+  row = _timed_row(compiled, lambda i: compiled(params, tokenizer_params, labels, jax.random.key(i), *extra), steps,
                    labels.shape[0], device)
   row.update(name=name, devices=1)
   return row
@@ -177,11 +178,11 @@ def accelerator_suite(config, batch_sizes: list[int], teacher_steps: list[int], 
   models = distill.build_models(config, features=None)  # Teacher and tokenizer in the step's compute dtype.
   grid = build.token_grid(config)
   labels = jax.device_put(jnp.arange(sample_batch, dtype=jnp.int32) % config.data.num_classes, device)
-  samplers = [(f'teacher_{t}step', sampling.teacher_image_sampler(models.teacher, models.tokenizer, grid, t,
-                                                                   config)) for t in teacher_steps]
-  samplers.append(('student_1step', sampling.student_image_sampler(models.teacher, models.tokenizer, grid, cfg)))
-  for name, sample in samplers:
-    rows.append({**sampler_row(name, sample, frozen['teacher'], frozen['tokenizer'], labels, steps, device),
+  teacher_sample = sampling.teacher_image_sampler(models.teacher, models.tokenizer, grid, config)
+  samplers = [(f'teacher_{t}step', teacher_sample, (t,)) for t in teacher_steps]
+  samplers.append(('student_1step', sampling.student_image_sampler(models.teacher, models.tokenizer, grid, cfg), ()))
+  for name, sample, extra in samplers:
+    rows.append({**sampler_row(name, sample, frozen['teacher'], frozen['tokenizer'], labels, steps, device, extra),
                  'dtype': dtype})
     _progress(rows[-1])
   return rows

@@ -36,7 +36,8 @@ def generators(tiny_fpd):
   config = demo.get_config('tiny')
   models, frozen, _ = tiny_fpd(config)
   grid = build.token_grid(config)
-  teacher = sampling.teacher_image_sampler(models.teacher, models.tokenizer, grid, 2, config)
+  teacher_sample = sampling.teacher_image_sampler(models.teacher, models.tokenizer, grid, config)
+  teacher = lambda *args: teacher_sample(*args, 2)
   student = sampling.student_image_sampler(models.teacher, models.tokenizer, grid, config.distill)
   host = jax.device_get((frozen['teacher'], frozen['tokenizer']))
 
