@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = ('data', 'tokenizer', 'eval_net', 'feature_net', 'teacher', 'distill', 'evaluate')
   c.verbose = False  # Full tracebacks for user errors (otherwise one line naming problem and fix).
   c.distributed = False  # Multi-process run: jax.distributed.initialize() first (the launch/ scripts set it).
-  # Stages run at once (in threads) when none reads another's output, e.g. eval_net beside the teacher: one small
+  # Stages run at once (in threads) when none reads another's output, e.g. eval_net beside the tokenizer: one small
   # model keeps only ~1.2 of 2 CPU cores busy. Results do not change. Runs with several devices or processes use 1.
   c.concurrent_stages = 2
   # On a CPU-only host, split it into this many JAX devices (0: JAX's default, one): the mesh's data axis splits each
@@ -130,8 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The student passes the 8-step teacher early, then drifts past it towards the sharper fixed point of the
   # tau_T=0.5, w_T=2 refinement (precision up, recall down): student/teacher-8 FD ratio at 600 -> 200 steps was
   # 1.11 -> 0.88 (seed 0) and 1.53 -> 0.93 (seed 1); FD of EMA snapshots on seed 0: 1.37 at 100-200 steps, 1.96 at 600
-  # (an earlier, larger teacher). On the current teacher, 120 steps against 200 (seeds 0, 1, 2): FD 1.51 / 1.70 / 1.60
-  # against 1.61 / 1.76 / 1.51, but recall 0.65 / 0.72 / 0.60 against 0.72 / 0.78 / 0.71 (less diverse); 70 s less.
+  # (an earlier, larger teacher). On today's teacher trained on a 400-step tokenizer, 120 steps against 200 (seeds 0,
+  # 1, 2): FD 1.51 / 1.70 / 1.60 against 1.61 / 1.76 / 1.51, but recall 0.65 / 0.72 / 0.60 against 0.72 / 0.78 / 0.71
+  # (less diverse); ~70 s less.
   c.distill.num_steps = 120
   c.distill.learning_rate = 1e-4  # DESIGN.md: ~1e-5 at ImageNet scale; larger on small demos.
   c.distill.warmup_steps = 20
@@ -155,8 +156,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Sampling (DESIGN.md §1.1).
   c.sampling = ml_collections.ConfigDict()
-  # Token sampling temperature tau of the teacher. 0.8 on the demo: 8-step accuracy 0.934 / 0.949 (seeds 1, 2)
-  # against 0.892 / 0.911 at 1.0, FD 1.74 / 2.02 against 2.12 / 2.06; 0.9 lies between.
+  # Token sampling temperature tau of the teacher. 0.8 on the demo: 8-step accuracy 0.934 / 0.949 (seeds 1, 2; teachers
+  # of a 400-step tokenizer) against 0.892 / 0.911 at 1.0, FD 1.74 / 2.02 against 2.12 / 2.06; 0.9 lies between.
   c.sampling.temperature = 0.8
   c.sampling.choice_temperature = 4.5  # Gumbel noise scale on re-masking confidence (annealed to 0).
   c.sampling.cfg_scale = 0.0  # w in (1+w)*cond - w*uncond; 0 disables CFG.
