@@ -70,10 +70,11 @@ def _done(workdir, name):
 def test_concurrent_stages_overlap_and_compute_what_sequential_stages_compute(tiny_run, tmp_path):
   config, workdir, _ = tiny_run
   assert config.concurrent_stages == 2
-  # Stages start in the config's order: eval_net (reads only the data) beside the tokenizer, feature_net once the
-  # teacher started.
+  # Stages start in the config's order: eval_net (reads only the data) beside the tokenizer, then feature_net, then
+  # the teacher.
   assert _done(workdir, 'eval_net')['started_at'] < _done(workdir, 'tokenizer')['finished_at']
-  assert _done(workdir, 'feature_net')['started_at'] >= _done(workdir, 'teacher')['started_at']
+  assert _done(workdir, 'feature_net')['started_at'] >= _done(workdir, 'eval_net')['started_at']
+  assert _done(workdir, 'teacher')['started_at'] >= _done(workdir, 'feature_net')['started_at']
   # Training starts after what it reads: teacher after tokenizer, distill after teacher and feature_net.
   assert _done(workdir, 'teacher')['started_at'] >= _done(workdir, 'tokenizer')['finished_at']
   for dep in ('teacher', 'feature_net'):

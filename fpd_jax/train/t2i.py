@@ -284,9 +284,9 @@ def samplers(config, workdir: str, steps=None, student: bool = True) -> dict:
   if steps is None or steps:
     teacher, params = load_teacher(config, workdir)
     vq, vq_params = tokenizer_stage.load(config, workdir)
-    sample = sampling.teacher_image_sampler(teacher, vq, grid, config)  # One program for every step count.
+    teacher_sample = sampling.teacher_image_sampler(teacher, vq, grid, config)  # One program for every step count.
     for n in (steps or config.evaluate.teacher_steps):
-      out[f'teacher_{n}step'] = (n, lambda ids, rng, n=n: sample(params, vq_params, ids, rng, n))
+      out[f'teacher_{n}step'] = (n, lambda ids, rng, n=n: teacher_sample(params, vq_params, ids, rng, n))
   if student:
     s_config, model, s_params, vq, vq_params = load_student(os.path.join(workdir, 'distill', 'export'))
     sample = sampling.student_image_sampler(model, vq, grid, s_config.distill)
