@@ -107,8 +107,12 @@ def validate(config) -> None:
     check_batch_split(config, {'distill.groups_per_batch * distill.samples_per_group':
                                distill.batch_size(config.distill)})
     return
-  build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
+  grid = build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
   sampling.validate(config)
+  block, block_prob = config.teacher.get('mask_block_size', 0), config.teacher.get('mask_block_prob', 0.0)
+  if not 0.0 <= block_prob <= 1.0 or (block_prob > 0 and (block <= 0 or grid % block)):
+    raise UserError(f'config.teacher.mask_block_prob={block_prob} with mask_block_size={block}: the probability '
+                    f'must be in [0, 1] and, when > 0, the block side a divisor of the {grid}x{grid} token grid.')
   if 'distill' in config.stages:
     distill.validate(config)
   trained = [s for s in ('tokenizer', 'teacher', 'eval_net', 'feature_net') if s in config.stages]

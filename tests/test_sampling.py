@@ -46,6 +46,32 @@ def test_random_mask_counts_follow_gamma():
   np.testing.assert_array_equal(exact.sum(-1), [0, 3, 7])
 
 
+def test_block_mask_hides_whole_aligned_blocks_in_gamma_counts():
+  """Each row masks ceil(gamma(r) * M) of its M aligned 4x4 blocks, every token of a block alike."""
+  mask = np.asarray(mask_schedule.block_mask(jax.random.key(0), 256, 64, 4, 'arccos'))
+  blocks = mask.reshape(256, 2, 4, 2, 4)
+  per_block = blocks.sum((2, 4))
+  assert set(np.unique(per_block)) <= {0, 16}  # Whole blocks or nothing.
+  counts = (per_block == 16).sum((1, 2))
+  assert counts.min() >= 1 and counts.max() == 4 and len(set(counts)) == 4  # 1..4 of the 4 cells seen.
+  with pytest.raises(ValueError, match='multiple of the block'):
+    mask_schedule.block_mask(jax.random.key(0), 2, 64, 3)
+
+
+def test_mask_tokens_mixes_block_rows_by_probability():
+  """block_prob 0 is the token-level mask unchanged (same key, same mask); 0.5 makes about half the rows blocky."""
+  tokens = jnp.zeros((400, 64), jnp.int32)
+  key = jax.random.key(7)
+  plain = mask_schedule.mask_tokens(key, tokens, 99, 'arccos')[1]
+  np.testing.assert_array_equal(plain, mask_schedule.random_mask(key, 400, 64, 'arccos'))
+  np.testing.assert_array_equal(plain, mask_schedule.mask_tokens(key, tokens, 99, 'arccos', 4, 0.0)[1])
+  masked, mixed = mask_schedule.mask_tokens(key, tokens, 99, 'arccos', 4, 0.5)
+  np.testing.assert_array_equal(masked == 99, mixed)
+  per_block = np.asarray(mixed).reshape(400, 2, 4, 2, 4).sum((2, 4))
+  blocky = np.all((per_block == 0) | (per_block == 16), axis=(1, 2)) & ~np.all(per_block == 16, axis=(1, 2))
+  assert 0.2 < blocky.mean() < 0.5  # Half the rows are block rows; a third of those mask every cell.
+
+
 @pytest.mark.parametrize('steps', [1, 4, 8])
 def test_decode_masked_count_follows_schedule(model_and_params, steps):
   model, params = model_and_params

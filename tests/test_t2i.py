@@ -298,3 +298,13 @@ def test_t2i_stage_dependencies_let_independent_stages_overlap():
   assert stages.dependencies('evaluate', order, 't2i') == order[:-1]
   # A task without a table (the released-MaskGen pipeline) runs its stages in order.
   assert stages.dependencies('distill', ('data', 'teacher', 'distill'), 'maskgen') == ('data', 'teacher')
+
+
+@pytest.mark.parametrize('size, prob', [(3, 0.5), (0, 0.5), (4, 1.5)])
+def test_block_masking_settings_fail_with_the_fix(size, prob):
+  config = t2i_demo.get_config('tiny')
+  config.teacher.mask_block_size, config.teacher.mask_block_prob = size, prob
+  with pytest.raises(UserError, match='mask_block_prob=.* block side a divisor of the 8x8 token grid'):
+    stages.validate(config)
+  config.teacher.mask_block_size, config.teacher.mask_block_prob = 4, 0.5
+  stages.validate(config)

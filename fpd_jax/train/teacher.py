@@ -1,6 +1,7 @@
 """Stage `teacher`: trains the class-conditional MaskGIT transformer on the tokenizer's tokens (DESIGN.md §1.1).
 
-Each step: sample r ~ U[0,1), mask `ceil(gamma(r) * N)` tokens, drop the condition to the null one with
+Each step: sample r ~ U[0,1), mask `ceil(gamma(r) * N)` tokens (or, with `mask_block_prob`, whole token blocks:
+`mask_schedule.block_mask`), drop the condition to the null one with
 probability `p_uncond` (for CFG), and minimise label-smoothed cross-entropy on the masked positions.
 """
 
@@ -22,10 +23,11 @@ from fpd_jax.train import tokenizer as tokenizer_stage
 
 
 def masked_token_loss(model, params, tokens, cond, rng, *, label_smoothing: float, p_uncond: float,
-                      schedule: str, deterministic: bool = False):
-  """Label-smoothed cross-entropy of the masked positions, and accuracy on them."""
+                      schedule: str, deterministic: bool = False, mask_block: int = 0, mask_block_prob: float = 0.0):
+  """Label-smoothed cross-entropy of the masked positions, and accuracy on them (`mask_block`, `mask_block_prob`:
+  `mask_schedule.mask_tokens`'s block masking)."""
   mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
-  inputs, mask = mask_schedule.mask_tokens(mask_rng, tokens, model.mask_id, schedule)
+  inputs, mask = mask_schedule.mask_tokens(mask_rng, tokens, model.mask_id, schedule, mask_block, mask_block_prob)
   cond = model.conditioner.drop(cond, drop_rng, p_uncond)
   logits = model.logits(params, inputs, cond, deterministic=deterministic, dropout_rng=dropout_rng)
   targets = optax.smooth_labels(jax.nn.one_hot(tokens, model.codebook_size), label_smoothing)
@@ -43,7 +45,8 @@ def make_train_step(model, tx, cfg):
     def loss_fn(params):
       return masked_token_loss(model, params, batch['tokens'], batch['label'], rng,
                                label_smoothing=cfg.label_smoothing, p_uncond=cfg.p_uncond,
-                               schedule=cfg.mask_schedule)
+                               schedule=cfg.mask_schedule, mask_block=cfg.get('mask_block_size', 0),
+                               mask_block_prob=cfg.get('mask_block_prob', 0.0))
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
