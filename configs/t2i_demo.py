@@ -89,7 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.p_uncond = 0.1  # Caption dropout: probability of the empty caption (enables text CFG).
   c.teacher.mask_schedule = 'arccos'  # gamma(r) of the training masks (MaskGen: arccos).
   c.teacher.mask_block_size = 4  # Block side (tokens) of block masking: 4 = one cell (fpd_jax/mask_schedule.py).
-  c.teacher.mask_block_prob = 0.0  # Share of training rows masked by whole blocks instead of tokens (not MaskGen's).
+  # Share of training rows masked by whole blocks instead of tokens (not MaskGen's). 0.5 (seed 0): 16-step teacher
+  # 0.451 vs 0.429, binding families unchanged (two objects 0.19, position 0.06); infills never empty (README).
+  c.teacher.mask_block_prob = 0.0
   c.teacher.num_steps = 1500
   c.teacher.batch_size = 64
   c.teacher.learning_rate = 2e-3  # 1e-3 (600-step tokenizer): 16-step teacher 0.379 -> 0.444 on 20 prompts a family.

@@ -21,6 +21,7 @@ from fpd_jax.errors import UserError
 from fpd_jax.eval import geneval_lite
 from fpd_jax.models import clip_text
 from fpd_jax.models import maskgen
+from fpd_jax.tools import binding_probe
 from fpd_jax.train import t2i as t2i_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +231,7 @@ def test_scorer_real_canvases_pass_and_shuffled_prompts_fail(cell_classifier):
   shuffled = [prompts[i] for i in np.random.default_rng(1).permutation(len(prompts))]
   bad = geneval_lite.score(shuffled, digits, colours)
   print(f'\neval_net test accuracy {summary["test_accuracy"]:.4f}\nreal canvases {score}\nshuffled prompts {bad}')
-  assert set(score) == set(t2i.FAMILIES) | {'overall', 'held_out_overall'}
+  assert set(score) == set(t2i.FAMILIES) | {'overall', 'held_out_overall', 'seen_overall'}
   assert score['overall'] >= 0.95 and score['held_out_overall'] >= 0.95, score
   assert bad['overall'] <= 0.25, bad
   digit_cells = real['digits'] != t2i.EMPTY  # The colour of every drawn digit is found exactly ...
@@ -257,12 +258,13 @@ def test_tiny_t2i_pipeline_end_to_end(tiny_t2i):
   assert set(report['models']) == {'teacher_1step', 'teacher_2step', 'student_1step'}
   for name, row in report['models'].items():
     g = row['geneval_lite']
-    assert set(g) == set(t2i.FAMILIES) | {'overall', 'held_out_overall'}
+    assert set(g) == set(t2i.FAMILIES) | {'overall', 'held_out_overall', 'seen_overall'}
     assert 0 <= g['overall'] <= 1 and np.isfinite(row['fd']) and row['images_per_sec'] > 0
     assert row['num_samples'] == config.evaluate.num_samples
     assert os.path.exists(os.path.join(workdir, 'samples', f'{name}.png'))
   recon = report['tokenizer_reconstructions']  # The tokenizer's ceiling: real canvases encoded and decoded.
-  assert set(recon['geneval_lite']) == set(t2i.FAMILIES) | {'overall', 'held_out_overall'} and recon['fd'] >= 0
+  assert set(recon['geneval_lite']) == set(t2i.FAMILIES) | {'overall', 'held_out_overall', 'seen_overall'}
+  assert recon['fd'] >= 0
   assert os.path.exists(os.path.join(workdir, 'samples', 'tokenizer_reconstructions.png'))
   text = open(os.path.join(workdir, 'report.md')).read()
   assert 'GenEval-lite' in text and 'real canvases through the tokenizer' in text
@@ -289,6 +291,22 @@ def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):  # Reuses the tiny pi
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the tiny pipeline.
+  _, workdir, _ = tiny_t2i
+  out = tmp_path / 'binding.json'
+  results = binding_probe.run(workdir, num=4, steps=2, seed=0, families=['two_object', 'position'], out=str(out))
+  assert json.load(open(out))['families'] == results and set(results) == {'two_object', 'position'}
+  for r in results.values():
+    i, g = r['infill'], r['generate']
+    assert all(0 <= i[k] <= 1 for k in ('check', 'named', 'copied_first', 'empty'))
+    assert i['named'] + i['copied_first'] + i['empty'] <= 1
+    assert 0 <= g['digits_per_canvas'] <= 4 and 0 <= g['first_present'] <= 1
+  with pytest.raises(UserError, match='--families=counting: choose among two_object,position,color_attr'):
+    binding_probe.run(workdir, 4, 2, 0, ['counting'])
+  res = _cli('fpd_jax.tools.binding_probe', f'--workdir={tmp_path}')
+  assert res.returncode == 2 and 'the teacher not found' in res.stderr, res.stderr
+
+
 def test_t2i_stage_dependencies_let_independent_stages_overlap():
   order = tuple(t2i_demo.get_config().stages)
   assert stages.dependencies('text_encoder', order, 't2i') == ('data',)
@@ -308,3 +326,14 @@ def test_block_masking_settings_fail_with_the_fix(size, prob):
     stages.validate(config)
   config.teacher.mask_block_size, config.teacher.mask_block_prob = 4, 0.5
   stages.validate(config)
+
+
+def test_score_splits_seen_and_held_out_combinations():
+  """Canvases that pass every seen colour prompt and fail every held-out one: seen_overall 1, held_out_overall 0."""
+  seen = t2i.Prompt('colors', (0,), (1,))  # (digit 0, green) is seen; (0, red) and (0, yellow) are held out.
+  held = t2i.Prompt('colors', (0,), (0,))
+  assert not seen.held_out and held.held_out
+  digits = np.array([[0, 10, 10, 10]] * 2)
+  colours = np.array([[1, -1, -1, -1]] * 2)  # A green zero: right for `seen`, wrong colour for `held`.
+  score = geneval_lite.score([seen, held], digits, colours)
+  assert score['seen_overall'] == 1.0 and score['held_out_overall'] == 0.0 and score['colors'] == 0.5

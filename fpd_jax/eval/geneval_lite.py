@@ -11,7 +11,9 @@ colour to the mean of its stroke pixels (brightness-normalised). Each (prompt, i
   color_attr     an A of colour 1 and a B of colour 2 in different cells
 
 score = mean of the six task accuracies (GenEval's overall); `held_out_overall` = the same mean over the families
-with held-out combinations (colors, position, color_attr), restricted to their held-out prompts.
+with held-out combinations (colors, position, color_attr), restricted to their held-out prompts, and
+`seen_overall` the mean over those families restricted to their other prompts (combinations seen in training): the
+compositional-generalisation gap is seen_overall - held_out_overall.
 """
 
 import numpy as np
@@ -71,15 +73,16 @@ def check(prompt: t2i.Prompt, digits: np.ndarray, colours: np.ndarray) -> bool:
 
 
 def score(prompts: list, digits: np.ndarray, colours: np.ndarray) -> dict:
-  """{overall, <family>: accuracy, held_out_overall} of images (one prompt per image)."""
+  """{overall, <family>: accuracy, held_out_overall, seen_overall} of images (one prompt per image)."""
   ok = np.array([check(p, d, c) for p, d, c in zip(prompts, digits, colours)], np.float64)
   family = np.array([p.family for p in prompts])
   held = np.array([p.held_out for p in prompts])
   out = {f: float(ok[family == f].mean()) for f in t2i.FAMILIES if np.any(family == f)}
   out['overall'] = float(np.mean([out[f] for f in t2i.FAMILIES if f in out]))
   held_families = [f for f in t2i.FAMILIES if np.any(held & (family == f))]
-  out['held_out_overall'] = float(np.mean([ok[held & (family == f)].mean() for f in held_families])) \
-      if held_families else float('nan')
+  for key, rows in (('held_out_overall', held), ('seen_overall', ~held)):
+    accs = [ok[rows & (family == f)].mean() for f in held_families if np.any(rows & (family == f))]
+    out[key] = float(np.mean(accs)) if accs else float('nan')
   return out
 
 

@@ -1,0 +1,121 @@
+r"""Binding probe of a text-to-image demo teacher: does it draw the *second* named digit once the first is drawn?
+
+  python -m fpd_jax.tools.binding_probe --workdir=runs/t2i [--num=160 --steps=16 --out=binding.json]
+
+For each family with two objects (two_object, position, color_attr), `--num` training-distribution prompts
+"<X> ... <Y>" get a real test-digit canvas each (a layout the prompt admits), encoded by the workdir's tokenizer.
+Two ways of decoding with the teacher (its config's sampler, `--steps` steps):
+
+  infill    only the cell holding Y is masked (the rest of the real canvas is given) and decoded: the share of
+            canvases whose cell then holds Y (`named`), X again (`copied_first`), nothing (`empty`) or another
+            digit, and the GenEval-lite check of the whole canvas.
+  generate  every token masked (the normal sampler): the check, the share of canvases where X and Y appear
+            (`first_present`, `second_present`) and digits per canvas.
+
+A teacher that reads both words and the drawn cell fills in Y nearly always; one that draws each cell from the
+caption alone, independently of the others, copies X about as often as it draws Y (and then draws "X and X" in
+`generate`). Cells are read by the workdir's evaluation network (`fpd_jax/eval/geneval_lite.py`). Prints a table and
+writes the numbers to `--out` (JSON) when given.
+"""
+
+import json
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fpd_jax import checkpoint as ckpt_lib
+from fpd_jax import cli
+from fpd_jax import sampling
+from fpd_jax.data import t2i
+from fpd_jax.errors import UserError
+from fpd_jax.eval import geneval_lite
+from fpd_jax.models import build
+from fpd_jax.train import eval_net as eval_net_stage
+from fpd_jax.train import t2i as t2i_stage
+from fpd_jax.train import tokenizer as tokenizer_stage
+
+FAMILIES = ('two_object', 'position', 'color_attr')
+
+
+def probe(config, workdir: str, family: str, num: int, steps: int, seed: int = 0, batch_size: int = 80) -> dict:
+  """{'infill': {...}, 'generate': {...}} of the workdir's teacher on `num` prompts of a two-object `family`."""
+  teacher, params = t2i_stage.load_teacher(config, workdir)
+  vq, vq_params = tokenizer_stage.load(config, workdir)
+  net, net_params, _ = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
+  grid = build.token_grid(config)
+  rng = np.random.default_rng([seed, FAMILIES.index(family)])
+  prompts = [t2i.random_prompt(rng, family) for _ in range(num)]
+  canvases = t2i.canvas_batch(t2i_stage.bank(config, workdir, 'test'), prompts, rng)
+  tokens = tokenizer_stage.encode_images(vq, vq_params, canvases['image']).reshape(num, grid, grid)
+  ids = t2i_stage.text_tokenizer(config).encode([p.caption for p in prompts])
+  first, second = (np.array([p.digits[i] for p in prompts]) for i in (0, 1))
+  second_cell = np.array([int(np.flatnonzero(d == y)[0]) for d, y in zip(canvases['digits'], second)])
+  infill = tokens.copy()
+  half = grid // 2
+  for i, cell in enumerate(second_cell):
+    row, col = t2i.cell_position(cell)
+    infill[i, row * half:(row + 1) * half, col * half:(col + 1) * half] = teacher.mask_id
+  settings = sampling.decode_settings(config)
+  decode = jax.jit(lambda p, cond, key, init: sampling.iterative_decode(
+      teacher, p, cond, key, num_tokens=grid * grid, num_steps=steps, init_tokens=init, **settings))
+
+  def read(init):
+    out = [decode(params, jnp.asarray(ids[s:s + batch_size]), jax.random.fold_in(jax.random.key(seed), s),
+                  jnp.asarray(init[s:s + batch_size].reshape(-1, grid * grid))) for s in range(0, num, batch_size)]
+    images = sampling.decode_tokens(vq, vq_params, jnp.concatenate(out), grid)
+    digits, colours = geneval_lite.detect(net, net_params, np.asarray(images))
+    check = float(np.mean([geneval_lite.check(p, d, c) for p, d, c in zip(prompts, digits, colours)]))
+    return digits, check
+
+  digits, check = read(infill)
+  filled = digits[np.arange(num), second_cell]
+  result = {'infill': {'check': check, 'named': float(np.mean(filled == second)),
+                       'copied_first': float(np.mean(filled == first)), 'empty': float(np.mean(filled == t2i.EMPTY))}}
+  digits, check = read(np.full_like(tokens, teacher.mask_id))
+  result['generate'] = {'check': check, 'first_present': float(np.mean((digits == first[:, None]).any(1))),
+                        'second_present': float(np.mean((digits == second[:, None]).any(1))),
+                        'digits_per_canvas': float(np.mean((digits != t2i.EMPTY).sum(1)))}
+  return result
+
+
+def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out: str | None = None) -> dict:
+  """The probe of every family in `families`; prints a table, writes JSON to `out`."""
+  unknown = [f for f in families if f not in FAMILIES]
+  if unknown or not families:
+    raise UserError(f'--families={",".join(families)}: choose among {",".join(FAMILIES)}.')
+  if num <= 0 or steps <= 0:
+    raise UserError(f'--num and --steps must be > 0 (got {num}, {steps}).')
+  export = os.path.join(workdir, 'teacher', 'export')
+  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export, 'the teacher')['config'])
+  if config.get('task') != 't2i':
+    raise UserError(f'{workdir} is not a text-to-image demo workdir (configs/t2i_demo.py); the probe needs its '
+                    'teacher, tokenizer and evaluation network.')
+  results = {f: probe(config, workdir, f, num, steps, seed) for f in families}
+  print(f'{"family":<12} | infill: check  second  copied first  empty | generate: check  first  second  digits')
+  for f, r in results.items():
+    i, g = r['infill'], r['generate']
+    print(f'{f:<12} | {i["check"]:13.3f} {i["named"]:7.3f} {i["copied_first"]:13.3f} {i["empty"]:6.3f} | '
+          f'{g["check"]:15.3f} {g["first_present"]:6.3f} {g["second_present"]:7.3f} {g["digits_per_canvas"]:7.2f}')
+  if out:
+    with open(out, 'w') as f:
+      json.dump({'num': num, 'steps': steps, 'seed': seed, 'families': results}, f, indent=1)
+  return results
+
+
+def _flags() -> dict:
+  return {'workdir': flags.DEFINE_string('workdir', None, 'Workdir of a finished configs/t2i_demo.py run.'),
+          'num': flags.DEFINE_integer('num', 160, 'Prompts (and canvases) per family.'),
+          'steps': flags.DEFINE_integer('steps', 16, 'Decoding steps of the teacher.'),
+          'seed': flags.DEFINE_integer('seed', 0, 'Seed of the prompts, canvases and sampling.'),
+          'families': flags.DEFINE_list('families', list(FAMILIES), 'Families to probe.'),
+          'out': flags.DEFINE_string('out', None, 'Optional JSON file for the numbers.'),
+          'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')}
+
+
+if __name__ == '__main__':
+  cli.run_tool(_flags, lambda v: run(v['workdir'], v['num'], v['steps'], v['seed'], v['families'], v['out']),
+               required=['workdir'])
