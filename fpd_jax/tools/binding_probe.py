@@ -41,15 +41,24 @@ from fpd_jax.train import tokenizer as tokenizer_stage
 FAMILIES = ('two_object', 'position', 'color_attr')
 
 
-def probe(config, workdir: str, family: str, num: int, steps: int, seed: int = 0, batch_size: int = 80) -> dict:
-  """{'infill': {...}, 'generate': {...}} of the workdir's teacher on `num` prompts of a two-object `family`."""
+def load(config, workdir: str) -> dict:
+  """What the probe reads from a workdir, loaded once for every family."""
   teacher, params = t2i_stage.load_teacher(config, workdir)
   vq, vq_params = tokenizer_stage.load(config, workdir)
   net, net_params, _ = eval_net_stage.load('eval_net', config.eval_net, config, workdir)
+  return {'teacher': teacher, 'params': params, 'vq': vq, 'vq_params': vq_params, 'net': net,
+          'net_params': net_params, 'bank': t2i_stage.bank(config, workdir, 'test')}
+
+
+def probe(config, parts: dict, family: str, num: int, steps: int, seed: int = 0, batch_size: int = 80) -> dict:
+  """{'infill': {...}, 'generate': {...}} of the teacher in `parts` (`load`) on `num` prompts of a two-object
+  `family`."""
+  teacher, params, vq, vq_params, net, net_params = (
+      parts[k] for k in ('teacher', 'params', 'vq', 'vq_params', 'net', 'net_params'))
   grid = build.token_grid(config)
   rng = np.random.default_rng([seed, FAMILIES.index(family)])
   prompts = [t2i.random_prompt(rng, family) for _ in range(num)]
-  canvases = t2i.canvas_batch(t2i_stage.bank(config, workdir, 'test'), prompts, rng)
+  canvases = t2i.canvas_batch(parts['bank'], prompts, rng)
   tokens = tokenizer_stage.encode_images(vq, vq_params, canvases['image']).reshape(num, grid, grid)
   ids = t2i_stage.text_tokenizer(config).encode([p.caption for p in prompts])
   first, second = (np.array([p.digits[i] for p in prompts]) for i in (0, 1))
@@ -94,7 +103,8 @@ def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out:
   if config.get('task') != 't2i':
     raise UserError(f'{workdir} is not a text-to-image demo workdir (configs/t2i_demo.py); the probe needs its '
                     'teacher, tokenizer and evaluation network.')
-  results = {f: probe(config, workdir, f, num, steps, seed) for f in families}
+  parts = load(config, workdir)
+  results = {f: probe(config, parts, f, num, steps, seed) for f in families}
   print(f'{"family":<12} | infill: check  second  copied first  empty | generate: check  first  second  digits')
   for f, r in results.items():
     i, g = r['infill'], r['generate']
