@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.filters = 16  # Base width; every width must be a multiple of norm_groups.
   c.tokenizer.channel_multipliers = (1, 1, 2)  # Two 2x downsamplings: 32 -> 16 -> 8.
+  # (1, 1, 2, 2) = a 4x4 token grid, 2x2 tokens a cell (with --config.teacher.mask_block_size=2), seed 0: teacher
+  # steps ~3x faster (1,500 in 437 s), but the ceiling drops to 0.737 (FD 1.29) and binding still needs far more
+  # training: 16-step teacher 0.401 after 1,500 steps, 0.456 after 4,500 (two objects 0.16 -> 0.29, position
+  # 0.06 -> 0.14, colour attribution 0.03 -> 0.02); block masking 0.5 there: 0.404.
   c.tokenizer.norm_groups = 8  # GroupNorm groups.
   c.tokenizer.num_res_blocks = 1  # ResBlocks per resolution.
   c.tokenizer.embedding_dim = 16  # Codebook vector size D.
