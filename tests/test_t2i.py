@@ -294,8 +294,11 @@ def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):  # Reuses the tiny pi
 def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the tiny pipeline.
   _, workdir, _ = tiny_t2i
   out = tmp_path / 'binding.json'
-  results = binding_probe.run(workdir, num=4, steps=2, seed=0, families=['two_object', 'position'], out=str(out))
+  results = binding_probe.run(workdir, num=4, steps=2, seed=0, families=['two_object', 'position'], out=str(out),
+                              text_num=50)
   assert json.load(open(out))['families'] == results and set(results) == {'two_object', 'position'}
+  assert set(results['position']['text']) == {'first', 'second', 'relation'}
+  assert all(0 <= v <= 1 for r in results.values() for v in r['text'].values())
   for r in results.values():
     i, g = r['infill'], r['generate']
     assert all(0 <= i[k] <= 1 for k in ('check', 'named', 'copied_first', 'empty'))
@@ -305,6 +308,14 @@ def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the t
     binding_probe.run(workdir, 4, 2, 0, ['counting'])
   res = _cli('fpd_jax.tools.binding_probe', f'--workdir={tmp_path}')
   assert res.returncode == 2 and 'the teacher not found' in res.stderr, res.stderr
+
+
+def test_binding_probe_ridge_accuracy_reads_what_the_features_hold():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(7, size=500)
+  onehot = np.eye(7)[labels] + 0.1 * rng.normal(size=(500, 7))
+  assert binding_probe.ridge_accuracy(onehot, labels, 7) == 1.0
+  assert binding_probe.ridge_accuracy(rng.normal(size=(500, 7)), labels, 7) < 0.35  # Chance: 1/7.
 
 
 def test_t2i_stage_dependencies_let_independent_stages_overlap():

@@ -1,6 +1,6 @@
 r"""Binding probe of a text-to-image demo teacher: does it draw the *second* named digit once the first is drawn?
 
-  python -m fpd_jax.tools.binding_probe --workdir=runs/t2i [--num=160 --steps=16 --out=binding.json]
+  python -m fpd_jax.tools.binding_probe --workdir=runs/t2i [--num=160 --steps=16 --text_num=3000 --out=F.json]
 
 For each family with two objects (two_object, position, color_attr), `--num` training-distribution prompts
 "<X> ... <Y>" get a real test-digit canvas each (a layout the prompt admits), encoded by the workdir's tokenizer.
@@ -11,6 +11,12 @@ Two ways of decoding with the teacher (its config's sampler, `--steps` steps):
             digit, and the GenEval-lite check of the whole canvas.
   generate  every token masked (the normal sampler): the check, the share of canvases where X and Y appear
             (`first_present`, `second_present`) and digits per canvas.
+
+and a third, of the frozen text encoder alone:
+
+  text      linear (ridge) probes of its pooled vector on `--text_num` training prompts of the family (a fifth held
+            out): the first and the second named digit, the relation (position) and each object's colour
+            (color_attr). High accuracies mean the words' roles reach the teacher and a failure to bind is its own.
 
 A teacher that reads both words and the drawn cell fills in Y nearly always; one that draws each cell from the
 caption alone, independently of the others, copies X about as often as it draws Y (and then draws "X and X" in
@@ -91,13 +97,40 @@ def probe(config, parts: dict, family: str, num: int, steps: int, seed: int = 0,
   return result
 
 
-def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out: str | None = None) -> dict:
+def ridge_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float = 1e-2) -> float:
+  """Accuracy on the last fifth of rows of a one-vs-rest ridge regression (with bias) fitted on the rest."""
+  x = np.c_[np.asarray(features, np.float64), np.ones(len(features))]
+  y = np.eye(num_classes)[labels]
+  cut = len(x) * 4 // 5
+  w = np.linalg.solve(x[:cut].T @ x[:cut] + ridge * np.eye(x.shape[1]), x[:cut].T @ y[:cut])
+  return float(np.mean((x[cut:] @ w).argmax(1) == labels[cut:]))
+
+
+def text_probe(config, parts: dict, family: str, num: int, seed: int = 0) -> dict:
+  """Held-out accuracies of linear probes of the frozen text encoder's pooled vector (see the module docstring)."""
+  rng = np.random.default_rng([seed, 100 + FAMILIES.index(family)])
+  prompts = [t2i.random_prompt(rng, family) for _ in range(num)]
+  _, pooled = parts['teacher'].encode_text(jnp.asarray(
+      t2i_stage.text_tokenizer(config).encode([p.caption for p in prompts])))
+  targets = {'first': ([p.digits[0] for p in prompts], 10), 'second': ([p.digits[1] for p in prompts], 10)}
+  if family == 'position':
+    targets['relation'] = ([t2i.RELATIONS.index(p.relation) for p in prompts], len(t2i.RELATIONS))
+  if family == 'color_attr':
+    for i, name in enumerate(('first_colour', 'second_colour')):
+      targets[name] = ([p.colours[i] for p in prompts], len(t2i.PALETTE))
+  pooled = np.asarray(pooled)
+  return {k: ridge_accuracy(pooled, np.array(labels), n) for k, (labels, n) in targets.items()}
+
+
+def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out: str | None = None,
+        text_num: int = 3000) -> dict:
   """The probe of every family in `families`; prints a table, writes JSON to `out`."""
   unknown = [f for f in families if f not in FAMILIES]
   if unknown or not families:
     raise UserError(f'--families={",".join(families)}: choose among {",".join(FAMILIES)}.')
-  if num <= 0 or steps <= 0:
-    raise UserError(f'--num and --steps must be > 0 (got {num}, {steps}).')
+  if num <= 0 or steps <= 0 or (text_num and text_num < 10):
+    raise UserError(f'--num and --steps must be > 0 and --text_num 0 (no text probe) or >= 10 (got {num}, {steps}, '
+                    f'{text_num}).')
   export = os.path.join(workdir, 'teacher', 'export')
   config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export, 'the teacher')['config'])
   if config.get('task') != 't2i':
@@ -105,14 +138,20 @@ def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out:
                     'teacher, tokenizer and evaluation network.')
   parts = load(config, workdir)
   results = {f: probe(config, parts, f, num, steps, seed) for f in families}
+  for f in families if text_num else ():
+    results[f]['text'] = text_probe(config, parts, f, text_num, seed)
   print(f'{"family":<12} | infill: check  second  copied first  empty | generate: check  first  second  digits')
   for f, r in results.items():
     i, g = r['infill'], r['generate']
     print(f'{f:<12} | {i["check"]:13.3f} {i["named"]:7.3f} {i["copied_first"]:13.3f} {i["empty"]:6.3f} | '
           f'{g["check"]:15.3f} {g["first_present"]:6.3f} {g["second_present"]:7.3f} {g["digits_per_canvas"]:7.2f}')
+  for f, r in results.items():
+    if 'text' in r:
+      print(f'{f:<12} | text encoder, linear probes of the pooled vector: '
+            + ', '.join(f'{k} {v:.3f}' for k, v in r['text'].items()))
   if out:
     with open(out, 'w') as f:
-      json.dump({'num': num, 'steps': steps, 'seed': seed, 'families': results}, f, indent=1)
+      json.dump({'num': num, 'steps': steps, 'seed': seed, 'text_num': text_num, 'families': results}, f, indent=1)
   return results
 
 
@@ -122,10 +161,13 @@ def _flags() -> dict:
           'steps': flags.DEFINE_integer('steps', 16, 'Decoding steps of the teacher.'),
           'seed': flags.DEFINE_integer('seed', 0, 'Seed of the prompts, canvases and sampling.'),
           'families': flags.DEFINE_list('families', list(FAMILIES), 'Families to probe.'),
+          'text_num': flags.DEFINE_integer('text_num', 3000, 'Prompts per family of the text-encoder probes '
+                                           '(0 = skip them).'),
           'out': flags.DEFINE_string('out', None, 'Optional JSON file for the numbers.'),
           'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')}
 
 
 if __name__ == '__main__':
-  cli.run_tool(_flags, lambda v: run(v['workdir'], v['num'], v['steps'], v['seed'], v['families'], v['out']),
+  cli.run_tool(_flags, lambda v: run(v['workdir'], v['num'], v['steps'], v['seed'], v['families'], v['out'],
+                                         v['text_num']),
                required=['workdir'])
