@@ -77,8 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder.state_layer = -2  # Token states the generator reads: -2 = penultimate block (as MaskGen).
   c.text_encoder.image_widths = (16, 32, 64)  # Conv widths of the contrastive image tower (discarded after).
   # 300 steps: linear probes of the pooled vector read the first/second digit, relation and colours at 0.98-1.00
-  # (tools/binding_probe.py). An untrained tower gives the probes nearly as much (0.95-1.00) but a worse teacher (4x4 token
-  # grid, seed 0, 16 steps: 0.323 vs 0.401; two objects 0.08 vs 0.16, colours 0.41 vs 0.66).
+  # (tools/binding_probe.py). An untrained tower gives the probes nearly as much (0.95-1.00) but a worse teacher
+  # (4x4 token grid, seed 0, 16 steps: 0.323 vs 0.401; two objects 0.08 vs 0.16, colours 0.41 vs 0.66).
   c.text_encoder.num_steps = 300
   c.text_encoder.batch_size = 64
   c.text_encoder.learning_rate = 1e-3
