@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer.codebook_size = 512  # K (colour x stroke shapes need far more codes than grey MNIST's 64).
   c.tokenizer.commitment_cost = 0.25  # beta of the VQ-VAE commitment loss.
   c.tokenizer.dead_code_restart_every = 100  # Steps between re-seeding unused codes (0 = off).
+  c.tokenizer.norm_epsilon = 1e-6  # GroupNorm epsilon (released: 1e-6; tiles need more, see vqgan.VQGAN).
+  c.tokenizer.tiles_per_side = 1  # n > 1: encode/decode n x n tiles one by one (vqgan.VQGAN.tiles_per_side).
   c.tokenizer.num_steps = 1200
   c.tokenizer.batch_size = 64
   c.tokenizer.learning_rate = 5e-3

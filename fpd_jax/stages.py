@@ -109,6 +109,7 @@ def validate(config) -> None:
     return
   grid = build.token_grid(config)  # Image size divisible by the tokenizer's downsampling.
   sampling.validate(config)
+  tokenizer.validate(config)
   block, block_prob = config.teacher.get('mask_block_size', 0), config.teacher.get('mask_block_prob', 0.0)
   if not 0.0 <= block_prob <= 1.0 or (block_prob > 0 and (block <= 0 or grid % block)):
     raise UserError(f'config.teacher.mask_block_prob={block_prob} with mask_block_size={block}: the probability '

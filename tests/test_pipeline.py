@@ -224,8 +224,9 @@ def test_unwritable_workdir_and_bad_sample_counts(tmp_path):
     ('distill.teacher_temperature', -0.5, 'config.distill.teacher_temperature=-0.5 must be > 0'),
     ('distill.temperatures', (0.02, 0.0), 'config.distill.temperatures=(0.02, 0.0) must be one or more'),
     ('distill.temperatures', (), 'config.distill.temperatures=() must be one or more'),
+    ('tokenizer.tiles_per_side', 3, 'config.tokenizer.tiles_per_side=3 must be >= 1 and divide the 7x7 token grid'),
 ])
-def test_nonpositive_temperatures_are_rejected_before_any_stage(key, value, message):
+def test_bad_temperatures_and_tiles_are_rejected_before_any_stage(key, value, message):
   config = demo.get_config('tiny')
   section, leaf = key.split('.')
   config[section][leaf] = value

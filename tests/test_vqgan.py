@@ -134,6 +134,31 @@ def test_demo_model_maps_28x28_to_7x7_tokens_and_back(demo):
   assert model.apply(variables, method=vqgan.VQGAN.codebook).shape == (64, 16)
 
 
+
+def test_tiles_round_trip_and_tiled_tokens_see_their_tile_only():
+  x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  tiles = vqgan.to_tiles(x, 2)
+  np.testing.assert_array_equal(tiles[5], x[1, :4, 4:])  # Image 1, tile (0, 1): row-major.
+  np.testing.assert_array_equal(vqgan.from_tiles(tiles, 2), x)
+  cfg = ml_collections.ConfigDict(dict(filters=8, channel_multipliers=(1, 2), num_res_blocks=1, embedding_dim=4,
+                                       codebook_size=16, norm_groups=4, tiles_per_side=2))
+  model = vqgan.from_config(cfg, output_channels=3)
+  variables = _random_variables(model, (1, 16, 16, 3))
+  ink = jax.random.uniform(jax.random.key(1), (8, 8, 3))
+  images = jnp.zeros((3, 16, 16, 3)).at[1, :8, :8].set(ink).at[2, 8:, 8:].set(ink)  # Ink in one tile of 1 and 2.
+  recon, aux = _apply(model)(variables, images)
+  raw = np.asarray(aux['raw'])  # Encoder outputs [3, 8, 8, D] (before quantization): 4x4 per tile.
+  assert aux['indices'].shape == (3, 8, 8) and recon.shape == images.shape
+  np.testing.assert_allclose(raw[1, 4:], raw[0, 4:], atol=1e-6)  # Empty tiles: the same latents whatever else
+  np.testing.assert_allclose(raw[2, :4], raw[0, :4], atol=1e-6)  # is drawn in the image.
+  assert np.abs(raw[1, :4, :4] - raw[0, :4, :4]).max() > 1e-3
+  ids = _apply(model, vqgan.VQGAN.encode_to_indices)(variables, images)
+  decoded = np.asarray(_apply(model, vqgan.VQGAN.decode_from_indices)(variables, ids))
+  np.testing.assert_allclose(decoded[1, 8:], decoded[0, 8:], atol=1e-6)  # Decoded tile by tile, too.
+  whole = vqgan.from_config(ml_collections.ConfigDict({**cfg.to_dict(), 'tiles_per_side': 1}), output_channels=3)
+  raw_whole = np.asarray(_apply(whole)(variables, images)[1]['raw'])
+  assert np.abs(raw_whole[1, 4:] - raw_whole[0, 4:]).max() > 1e-3  # Whole images: ink anywhere moves every latent.
+
 def test_encode_returns_codebook_values_and_consistent_loss(demo):
   model, variables = demo
   images = jax.random.uniform(jax.random.key(2), (2, 28, 28, 1))
@@ -215,6 +240,7 @@ def test_restart_dead_codes_replaces_exactly_the_dead_codes(num_outputs):
   assert all(tuple(row) in candidates for row in new[dead])
   if num_outputs >= len(counts):
     assert len({tuple(row) for row in new[dead]}) == dead.sum()  # Distinct seeds when there are enough.
+
 
 
 # ---- Loading released checkpoints.

@@ -17,10 +17,19 @@ from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import sampling
 from fpd_jax import sharding
 from fpd_jax.data import mnist
+from fpd_jax.errors import UserError
 from fpd_jax.models import build
 from fpd_jax.models import vqgan
 from fpd_jax.train import loop
 from fpd_jax.train import optim
+
+
+def validate(config) -> None:
+  """Checks `config.tokenizer`'s tiling (a named fix on a bad value)."""
+  tiles, grid = config.tokenizer.get('tiles_per_side', 1), build.token_grid(config)
+  if tiles < 1 or grid % tiles:
+    raise UserError(f'config.tokenizer.tiles_per_side={tiles} must be >= 1 and divide the {grid}x{grid} token grid '
+                    f'(config.data.image_size={config.data.image_size}); 1 encodes whole images.')
 
 
 def make_train_step(model, tx, cfg):
