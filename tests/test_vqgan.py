@@ -159,6 +159,7 @@ def test_tiles_round_trip_and_tiled_tokens_see_their_tile_only():
   raw_whole = np.asarray(_apply(whole)(variables, images)[1]['raw'])
   assert np.abs(raw_whole[1, 4:] - raw_whole[0, 4:]).max() > 1e-3  # Whole images: ink anywhere moves every latent.
 
+
 def test_encode_returns_codebook_values_and_consistent_loss(demo):
   model, variables = demo
   images = jax.random.uniform(jax.random.key(2), (2, 28, 28, 1))
@@ -240,7 +241,6 @@ def test_restart_dead_codes_replaces_exactly_the_dead_codes(num_outputs):
   assert all(tuple(row) in candidates for row in new[dead])
   if num_outputs >= len(counts):
     assert len({tuple(row) for row in new[dead]}) == dead.sum()  # Distinct seeds when there are enough.
-
 
 
 # ---- Loading released checkpoints.

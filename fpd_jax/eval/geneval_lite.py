@@ -19,6 +19,7 @@ compositional-generalisation gap is seen_overall - held_out_overall.
 import numpy as np
 
 from fpd_jax.data import t2i
+from fpd_jax.models import vqgan
 from fpd_jax.train import eval_net as eval_net_stage
 
 STROKE_THRESHOLD = 0.3  # A pixel belongs to the stroke when its brightest channel exceeds this.
@@ -27,8 +28,7 @@ STROKE_THRESHOLD = 0.3  # A pixel belongs to the stroke when its brightest chann
 def cells(images: np.ndarray) -> np.ndarray:
   """Canvases `[B, 2c, 2c, C]` -> cells `[B, 4, c, c, C]` (row-major: top-left, top-right, bottom-left, ...)."""
   b, h, w, ch = images.shape
-  c = h // 2
-  return np.asarray(images).reshape(b, 2, c, 2, c, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, 4, c, c, ch)
+  return vqgan.to_tiles(np.asarray(images), 2).reshape(b, 4, h // 2, w // 2, ch)
 
 
 def cell_colours(cell_images: np.ndarray) -> np.ndarray:
