@@ -134,7 +134,6 @@ def test_demo_model_maps_28x28_to_7x7_tokens_and_back(demo):
   assert model.apply(variables, method=vqgan.VQGAN.codebook).shape == (64, 16)
 
 
-
 def test_tiles_round_trip_and_tiled_tokens_see_their_tile_only():
   x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
   tiles = vqgan.to_tiles(x, 2)
