@@ -191,8 +191,8 @@ def task_of(config):
   """The task class of `config.task`: the two demos are compared; anything else is refused with the fix named."""
   task = config.get('task', 'class')
   if task not in TASKS:
-    raise UserError(f"config.task={task!r}: fpd_jax.compare runs the demos (task 'class' or 't2i'); distil the "
-                    "released MaskGen-L with python -m fpd_jax.main --config=configs/t2i.py and "
+    raise UserError(f"config.task={task!r}: fpd_jax.compare and fpd_jax.ablations run the demos (task 'class' or "
+                    "'t2i'); distil the released MaskGen-L with python -m fpd_jax.main --config=configs/t2i.py and "
                     "--config.distill.method=fpd or dimo.")
   return TASKS[task]
 

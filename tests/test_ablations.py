@@ -24,4 +24,8 @@ def test_markdown_lists_every_row():
   text = ablations.markdown(rows, 100)
   for name in ablations.VARIANTS:
     assert f'| {name} |' in text
-  assert 'lift=soft' in text
+  assert 'lift=soft' in text and '| FD | accuracy | precision | recall |' in text
+  text = ablations.markdown({'gan': {'geneval_lite': 0.4, 'held_out': 0.3, 'fd': 1.5, 'seconds': 9.0, 'paper': 'p'}},
+                            100, ('geneval_lite', 'held_out', 'fd'))
+  assert '| GenEval-lite | GenEval-lite held-out | FD |' in text
+  assert '| gan | gan.enabled=True | 0.400 | 0.300 | 1.500 |' in text

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from configs import t2i_demo
+from fpd_jax import ablations
+from fpd_jax import compare
 from fpd_jax import conditioning as cond_lib
 from fpd_jax import sampling
 from fpd_jax import stages
@@ -290,6 +292,18 @@ def test_sample_cli_prompt_and_errors(tiny_t2i, tmp_path):  # Reuses the tiny pi
     res = _cli('fpd_jax.sample', f'--workdir={workdir}', '--model=student', flag, f'--out={out}')
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
+
+def test_ablations_on_the_tiny_pipeline(tiny_t2i):  # Reuses the tiny pipeline; the GAN variant reads real canvases.
+  config, workdir, _ = tiny_t2i
+  rows = ablations.run(config, workdir, only=['gan'])
+  assert list(rows) == ['gan'] and set(compare.TextTask.metrics) <= set(rows['gan'])
+  assert 0 <= rows['gan']['geneval_lite'] <= 1 and np.isfinite(rows['gan']['fd'])
+  with open(os.path.join(workdir, 'ablations', 'gan', 'metrics.jsonl')) as f:
+    assert 'gan_discriminator' in json.loads(f.readlines()[-1])  # The critic trained on real canvases.
+  text = open(os.path.join(workdir, 'ablations.md')).read()
+  assert '| gan | gan.enabled=True |' in text and 'GenEval-lite held-out' in text
+  with pytest.raises(UserError, match='unknown variant.*gann'):
+    ablations.run(config, workdir, only=['gann'])
 
 def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the tiny pipeline.
   _, workdir, _ = tiny_t2i

@@ -244,8 +244,16 @@ def run_distill(config, workdir: str, stage_dir: str | None = None, on_checkpoin
   teacher, frozen = distill_inputs(config, workdir)
   train = distill_stage.trainer(config, teacher=teacher)
   tok = text_tokenizer(config)
-  batch_fn = lambda s: {'label': sharding.host_rows(t2i.prompt_batch(tok, config.seed + 5, s, cfg.groups_per_batch,
-                                                                     cfg.samples_per_group))}
+  reals = bank(config, workdir, 'train') if cfg.gan.enabled else None
+
+  def batch_fn(s):
+    batch = {'label': sharding.host_rows(t2i.prompt_batch(tok, config.seed + 5, s, cfg.groups_per_batch,
+                                                          cfg.samples_per_group))}
+    if reals is not None:  # The GAN's real images: training canvases of random prompts (its critic is unconditional).
+      batch['image'] = sharding.host_rows(
+          t2i.train_batch(reals, tok, config.seed + 6, s, distill_stage.batch_size(cfg))['image'])
+    return batch
+
   stage_dir = stage_dir or os.path.join(workdir, 'distill')
   state = loop.run(os.path.basename(stage_dir), stage_dir,
                    loop.loop_config(config, cfg, distill_stage.batch_size(cfg)),
