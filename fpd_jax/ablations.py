@@ -40,7 +40,6 @@ VARIANTS = {
     'single_bandwidth': ({'temperatures': (0.05,)}, 'slightly worse: 0.41 vs multi-bandwidth 0.43'),
     'gan': ({'gan.enabled': True}, 'slightly better: +0.02'),
 }
-PREREQUISITES = stages.DISTILL_INPUTS
 variant_config = distill.with_overrides
 
 
