@@ -33,6 +33,12 @@ import orbax.checkpoint as ocp
 from fpd_jax import sharding
 from fpd_jax.errors import UserError
 
+# Every save creates its temporary directory before it returns (Orbax's default creates it in the background,
+# tracked by process-wide signals that saves overlapping in threads, e.g. stages run side by side, confuse: a save
+# then fails with FileExistsError on `*.orbax-checkpoint-tmp` or waits out a 300 s timeout). Writes stay
+# asynchronous.
+_ASYNC_OPTIONS = ocp.AsyncOptions(create_directories_asynchronously=False)
+
 
 def tree_shapes(tree) -> dict[str, tuple]:
   """`{'a/b/c': shape}` for every array leaf of a pytree (arrays, ShapeDtypeStructs or Orbax metadata)."""
@@ -85,7 +91,7 @@ def manager(directory: str, keep: int) -> ocp.CheckpointManager:
     The manager (asynchronous saves: call `wait_until_finished()` before relying on the last one).
   """
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
+                                         cleanup_tmp_directories=True, async_options=_ASYNC_OPTIONS)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
@@ -222,7 +228,7 @@ def export(directory: str, params, meta: dict | None = None) -> None:
     # every process) are not global arrays, which Orbax needs on several processes: they are saved from the host.
     params = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
                           params)
-  ckptr = ocp.StandardCheckpointer()
+  ckptr = ocp.StandardCheckpointer(async_options=_ASYNC_OPTIONS)
   ckptr.save(directory, params, force=True)
   ckptr.wait_until_finished()
   if meta is not None and jax.process_index() == 0:  # Orbax writes collectively; the JSON only once.

@@ -14,8 +14,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -334,3 +336,39 @@ def test_metrics_are_read_only_on_log_and_checkpoint_steps(tmp_path, monkeypatch
                      r'[-0-9.e]+\); nothing was saved from step 5 on, the last good checkpoint is step 3\.'):
     _toy_stage(str(stage_dir), log_every=4, inject_nan_at_step=5)
   assert sorted(os.listdir(stage_dir / 'checkpoints')) == ['3']
+
+
+def test_checkpoints_saved_from_concurrent_threads_all_commit(tmp_path):
+  """Stages run in threads (`config.concurrent_stages`); their Orbax saves overlap. With Orbax's asynchronous
+  directory creation, overlapping saves shared its process-wide signals and failed (FileExistsError on a
+  `*.orbax-checkpoint-tmp` directory, or a commit timeout)."""
+  params = {'w': jnp.ones((128, 128)), 'b': jnp.zeros((8,))}
+  errors = []
+
+  def exporter(i):
+    try:
+      for k in range(8):
+        ckpt_lib.export(str(tmp_path / f'export{i}' / 'export'), params, {'k': k})
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(repr(e))
+
+  def saver(i):
+    try:
+      mngr = ckpt_lib.manager(str(tmp_path / f'stage{i}' / 'checkpoints'), 2)
+      for step in range(1, 9):
+        mngr.save(step, args=ckpt_lib.ocp.args.StandardSave(params), force=True)
+      mngr.wait_until_finished()
+      mngr.close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(repr(e))
+
+  threads = [threading.Thread(target=f, args=(i,)) for f in (exporter, saver) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors
+  for i in range(2):
+    assert ckpt_lib.manager(str(tmp_path / f'stage{i}' / 'checkpoints'), 2).all_steps() == [7, 8]
+    chex.assert_trees_all_equal(ckpt_lib.load_export(str(tmp_path / f'export{i}' / 'export'), params, 'export'),
+                                params)
