@@ -191,8 +191,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict()
   # Rows teacher_<n>step of report.json. More steps still help: at 32 the teacher scores 0.508 / 0.439 / 0.422 on
   # seeds 0 / 1 / 2 (FD 1.19 / 1.11 / 0.99; at 16: 0.478 / 0.407 / 0.405, FD 1.27 / 1.11 / 1.11); 64 (one token a
-  # step) no higher: 0.514 / 0.421 on seeds 0 / 1 (FD 1.08 / 0.91). Add 32 for that
-  # row (about 3.5 more minutes of the evaluate stage on a 2-core CPU).
+  # step) no higher: 0.514 / 0.421 on seeds 0 / 1 (FD 1.08 / 0.91). Add 32 for that row (about 3.5 more minutes of
+  # the evaluate stage on a 2-core CPU).
   c.evaluate.teacher_steps = (1, 4, 8, 16)
   c.evaluate.prompts_per_family = 40  # Prompts per GenEval family (half held-out where the family has them).
   c.evaluate.images_per_prompt = 4  # As GenEval.
