@@ -23,6 +23,7 @@ from fpd_jax.errors import UserError
 from fpd_jax.eval import evaluate
 from fpd_jax.eval import report
 from fpd_jax.models import build
+from fpd_jax.models import maskgen as maskgen_model
 from fpd_jax.train import distill
 from fpd_jax.train import eval_net
 from fpd_jax.train import loop
@@ -114,6 +115,10 @@ def validate(config) -> None:
   if not 0.0 <= block_prob <= 1.0 or (block_prob > 0 and (block <= 0 or grid % block)):
     raise UserError(f'config.teacher.mask_block_prob={block_prob} with mask_block_size={block}: the probability '
                     f'must be in [0, 1] and, when > 0, the block side a divisor of the {grid}x{grid} token grid.')
+  embedding_init = config.teacher.get('embedding_init', 'random')
+  if config.get('task', 'class') == 't2i' and embedding_init not in maskgen_model.EMBEDDING_INITS:
+    raise UserError(f'config.teacher.embedding_init={embedding_init!r}: choose one of '
+                    f'{maskgen_model.EMBEDDING_INITS}.')
   if 'distill' in config.stages:
     distill.validate(config)
   trained = [s for s in ('tokenizer', 'teacher', 'eval_net', 'feature_net') if s in config.stages]

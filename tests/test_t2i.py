@@ -361,6 +361,27 @@ def test_block_masking_settings_fail_with_the_fix(size, prob):
   stages.validate(config)
 
 
+def test_codebook_embedding_init_follows_the_codebook_and_keeps_the_rest():
+  codebook = jax.random.normal(jax.random.key(0), (16, 8)).at[3].set(0.0).at[5].set(0.0)  # Codes 3 and 5 alike.
+  params = {'embeddings': 0.02 * jax.random.normal(jax.random.key(1), (18, 32)), 'pos_embed': jnp.ones((1, 4, 32))}
+  out = maskgen.init_embeddings_from_codebook(params, codebook, jax.random.key(2))
+  rows = np.asarray(out['embeddings'])
+  np.testing.assert_array_equal(rows[16:], params['embeddings'][16:])  # The mask row and the extra row stay.
+  np.testing.assert_array_equal(out['pos_embed'], params['pos_embed'])
+  np.testing.assert_allclose(rows[3], rows[5], atol=1e-7)  # Equal codes -> equal rows.
+  assert 0.01 < rows[:16].std() < 0.04  # The table's init scale.
+  # Row similarity follows code similarity: the rows' Gram matrix correlates with the codebook's.
+  book = np.asarray(codebook - codebook.mean(0))
+  assert np.corrcoef((book @ book.T).ravel(), (rows[:16] @ rows[:16].T).ravel())[0, 1] > 0.5
+
+
+def test_unknown_embedding_init_fails_with_the_choices():
+  config = t2i_demo.get_config('tiny')
+  config.teacher.embedding_init = 'clip'
+  with pytest.raises(UserError, match=r"embedding_init='clip': choose one of \('random', 'codebook'\)"):
+    stages.validate(config)
+
+
 def test_score_splits_seen_and_held_out_combinations():
   """Canvases that pass every seen colour prompt and fail every held-out one: seen_overall 1, held_out_overall 0."""
   seen = t2i.Prompt('colors', (0,), (1,))  # (digit 0, green) is seen; (0, red) and (0, yellow) are held out.

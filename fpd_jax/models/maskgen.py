@@ -213,6 +213,26 @@ class MaskGenModel:
     return (1.0 + cfg_scale) * c - cfg_scale * u
 
 
+EMBEDDING_INITS = ('random', 'codebook')
+
+
+def codebook_embedding_rows(codebook: jax.Array, hidden_size: int, rng: jax.Array, std: float = 0.02) -> jax.Array:
+  """Initial token rows `[K, hidden_size]` from the tokenizer's codebook `[K, D]`: the standardised code vectors
+  through a random Gaussian projection, scaled to the table's init std, so that codes that decode alike start with
+  alike rows (and alike logits through the tied head) instead of independent random ones."""
+  book = (codebook - codebook.mean(0)) / (codebook.std() + 1e-8)
+  proj = jax.random.normal(rng, (codebook.shape[1], hidden_size), jnp.float32) / math.sqrt(codebook.shape[1])
+  return (std * book @ proj).astype(jnp.float32)
+
+
+def init_embeddings_from_codebook(params: dict, codebook: jax.Array, rng: jax.Array) -> dict:
+  """`params` with the first K rows of the `embeddings` table (the codebook rows, tied to the head) replaced by
+  `codebook_embedding_rows`; the mask row and any extra rows keep their random init."""
+  table = params['embeddings']
+  return {**params, 'embeddings': table.at[:codebook.shape[0]].set(
+      codebook_embedding_rows(codebook, table.shape[1], rng))}
+
+
 def from_config(cfg, conditioner, codebook_size: int, num_tokens: int, text_encoder, text_params,
                 dtype: Any = jnp.float32) -> MaskGenModel:
   """The generator of a config section like `configs/t2i_demo.py`'s `teacher`."""

@@ -191,8 +191,15 @@ def run_teacher(config, workdir: str) -> dict:
     tokens = tokenizer_stage.encode_images(vq, vq_params, batch['image'])
     return sharding.host_rows({'tokens': tokens.reshape(len(tokens), -1).astype(np.int32), 'label': batch['ids']})
 
+  def init_params():
+    params = _init_generator(model, config, init_rng)
+    if cfg.get('embedding_init', 'random') == 'codebook':
+      params = maskgen.init_embeddings_from_codebook(params, vq_params['quantizer']['codebook'],
+                                                     jax.random.fold_in(init_rng, 7))
+    return params
+
   state = loop.run('teacher', os.path.join(workdir, 'teacher'), loop.loop_config(config, cfg),
-                   lambda: _state(_init_generator(model, config, init_rng), tx),
+                   lambda: _state(init_params(), tx),
                    teacher_stage.make_train_step(model, tx, cfg), batch_fn, rng,
                    partitioner=sharding.Partitioner.from_config(config))
   ckpt_lib.export(os.path.join(workdir, 'teacher', 'export'), state['params'], {'config': config.to_dict()})
