@@ -120,7 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # vectors through a random projection, maskgen.codebook_embedding_rows: codes that decode alike start alike).
   # 'codebook', 16-step teacher vs 'random': seed 0 0.495 vs 0.478, FD 1.06 vs 1.27 (two objects 0.29 vs 0.23,
   # colours 0.83 vs 0.86, position 0.08 vs 0.06); seed 1 0.457 vs 0.407, FD 1.00 vs 1.11 (single 0.93 vs 0.80,
-  # position 0.11 vs 0.05). Not yet the default: the demo's table was measured with 'random'.
+  # position 0.11 vs 0.05); seed 2 0.429 vs 0.405 but FD 1.84 vs 1.11. Not yet the default (the demo's table was
+  # measured with 'random'; FD worse on seed 2).
   c.teacher.embedding_init = 'random'
   c.teacher.num_steps = 1500
   # Same images in 3000 steps of 32 (warmup 200): 0.451, FD 3.12 (seed 0, 16 steps; 1500 of 64: 0.478, FD 1.27).
