@@ -119,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Initial rows of the token table (tied to the head): 'random' (MaskGen's) or 'codebook' (the tokenizer's code
   # vectors through a random projection, maskgen.codebook_embedding_rows: codes that decode alike start alike).
   # 'codebook', 16-step teacher vs 'random': seed 0 0.495 vs 0.478, FD 1.06 vs 1.27 (two objects 0.29 vs 0.23,
-  # colours 0.83 vs 0.86, position 0.08 vs 0.06); seed 1 0.457 vs 0.407, FD 1.00 vs 1.11 (single 0.93 vs 0.80,
+  # colours 0.83 vs 0.86, position 0.08 vs 0.06); seed 1 0.457 vs 0.407, FD 1.00 vs 1.11 (single 0.93 vs 0.79,
   # position 0.11 vs 0.05); seed 2 0.429 vs 0.405 but FD 1.84 vs 1.11. Not yet the default (the demo's table was
   # measured with 'random'; FD worse on seed 2).
   c.teacher.embedding_init = 'random'
