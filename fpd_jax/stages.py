@@ -73,12 +73,18 @@ DEPENDS_ON = {
 }
 
 
-def dependencies(name: str, stages: tuple[str, ...], task: str = 'class') -> tuple[str, ...]:
-  """The stages of `stages` that stage `name` must wait for (all earlier ones unless `DEPENDS_ON` says less)."""
+def dependencies(name: str, stages: tuple[str, ...], task: str = 'class', config=None) -> tuple[str, ...]:
+  """The stages of `stages` that stage `name` must wait for (all earlier ones unless `DEPENDS_ON` says less); a
+  text-to-image teacher with REPA (`config.teacher.repa.weight` > 0) also reads the feature network."""
   reads = DEPENDS_ON.get(task, {})
-  if name in reads:
-    return tuple(s for s in reads[name] if s in stages)
-  return tuple(stages[:stages.index(name)])
+  if name not in reads:
+    return tuple(stages[:stages.index(name)])
+  extra = ('feature_net',) if name == 'teacher' and config is not None and _teacher_repa(config) else ()
+  return tuple(s for s in reads[name] + extra if s in stages)
+
+
+def _teacher_repa(config) -> bool:
+  return config.get('task', 'class') == 't2i' and teacher.repa_weight(config.teacher) > 0
 
 
 # The stages a distillation reads (teacher, tokenizer, evaluation and drift feature networks, and their data).
@@ -119,6 +125,14 @@ def validate(config) -> None:
   if embedding_init not in maskgen_model.EMBEDDING_INITS:  # Class configs have no such field: 'random'.
     raise UserError(f'config.teacher.embedding_init={embedding_init!r}: choose one of '
                     f'{maskgen_model.EMBEDDING_INITS}.')
+  if _teacher_repa(config):
+    repa, order = config.teacher.repa, list(config.stages)
+    if not 0 <= repa.layer < config.teacher.num_layers:
+      raise UserError(f'config.teacher.repa.layer={repa.layer}: the teacher has blocks 0..'
+                      f'{config.teacher.num_layers - 1}.')
+    if 'teacher' in order and 'feature_net' in order and order.index('feature_net') > order.index('teacher'):
+      raise UserError("config.teacher.repa.weight > 0: the teacher reads the feature network, so list "
+                      "'feature_net' before 'teacher' in config.stages.")
   if 'distill' in config.stages:
     distill.validate(config)
   trained = [s for s in ('tokenizer', 'teacher', 'eval_net', 'feature_net') if s in config.stages]
@@ -276,7 +290,7 @@ def run_pipeline(config, workdir: str) -> dict:
       pending.append(name)
   run_concurrently(pending, run_stage, max_running, finished,
                    ready=lambda name, finished: set(dependencies(name, tuple(config.stages),
-                                                                 config.get('task', 'class'))) <= finished)
+                                                                 config.get('task', 'class'), config)) <= finished)
   if 'evaluate' in config.stages and jax.process_index() == 0:
     report.add_timings(workdir, timings, time.perf_counter() - pipeline_start,
                        {'count': jax.device_count(), 'kind': jax.devices()[0].device_kind,

@@ -24,7 +24,9 @@ from fpd_jax.eval import geneval_lite
 from fpd_jax.models import clip_text
 from fpd_jax.models import maskgen
 from fpd_jax.tools import binding_probe
+from fpd_jax.train import optim
 from fpd_jax.train import t2i as t2i_stage
+from fpd_jax.train import teacher as teacher_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = captions.WordTokenizer(context_length=12)
@@ -379,6 +381,56 @@ def test_unknown_embedding_init_fails_with_the_choices():
   config = t2i_demo.get_config('tiny')
   config.teacher.embedding_init = 'clip'
   with pytest.raises(UserError, match=r"embedding_init='clip': choose one of \('random', 'codebook'\)"):
+    stages.validate(config)
+
+
+def test_repa_projector_loss_and_train_step():
+  """REPA: the projector reads the aligned block, leaves the logits as they are, and the teacher step trains it."""
+  text, text_params, ids = _text_tower()
+  conditioner = cond_lib.TextConditioner(TOK.bos_id, TOK.eos_id)
+  make = lambda dim: maskgen.MaskGenModel(maskgen.MaskGenTransformer(
+      codebook_size=16, num_tokens=16, hidden_size=32, num_layers=3, num_heads=2, micro_condition_dim=8,
+      repa_dim=dim, repa_layer=1, repa_hidden=8), conditioner, text, text_params)
+  model, plain = make(6), make(0)
+  params = jax.jit(lambda rng: model.init(rng, 16, ids))(jax.random.key(1))['params']
+  assert params['repa_projector']['fc3']['kernel'].shape == (8, 6)
+  assert 'repa_projector' not in jax.jit(lambda rng: plain.init(rng, 16, ids))(jax.random.key(1))['params']
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 17)
+  logits, projection = jax.jit(model.logits_and_repa)(params, tokens, ids)
+  assert projection.shape == (2, 16, 6)
+  np.testing.assert_allclose(logits, jax.jit(model.logits)(params, tokens, ids), atol=1e-6)
+  loss, cosine = maskgen.repa_loss(projection, projection)
+  np.testing.assert_allclose((loss, cosine), (0.0, 1.0), atol=1e-5)
+  np.testing.assert_allclose(maskgen.repa_loss(projection, -3.0 * projection)[0], 2.0, atol=1e-5)
+
+  config = t2i_demo.get_config('tiny')
+  config.teacher.repa.weight = 0.5
+  tx = optim.make_optimizer(config.teacher, 1.0)
+  step = jax.jit(teacher_stage.make_train_step(model, tx, config.teacher))
+  batch = {'tokens': tokens, 'label': jnp.asarray(ids), 'repa_target': jax.random.normal(jax.random.key(3), (2, 16, 6))}
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+  new, metrics = step(state, batch, jax.random.key(4))
+  new = step(new, batch, jax.random.key(5))[0]  # The first step's learning rate is 0 (warmup).
+  assert -1.0 <= metrics['repa_cosine'] <= 1.0
+  np.testing.assert_allclose(metrics['loss'], metrics['token_loss'] + 0.5 * (1 - metrics['repa_cosine']), rtol=1e-5)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new['params'], params)
+  assert moved['repa_projector']['fc1']['kernel'] > 0 and moved['blocks_0']['to_q']['kernel'] > 0
+  assert moved['blocks_2']['to_q']['kernel'] > 0  # The token loss still trains the blocks after the aligned one.
+
+
+def test_repa_teacher_waits_for_the_feature_network_and_checks_its_settings():
+  config = t2i_demo.get_config('tiny')
+  order = tuple(config.stages)
+  assert 'feature_net' not in stages.dependencies('teacher', order, 't2i', config)  # Off by default.
+  config.teacher.repa.weight = 0.5
+  with pytest.raises(UserError, match="list 'feature_net' before 'teacher'"):
+    stages.validate(config)
+  config.stages = ('data', 'tokenizer', 'text_encoder', 'eval_net', 'feature_net', 'teacher', 'distill', 'evaluate')
+  stages.validate(config)
+  assert stages.dependencies('teacher', tuple(config.stages), 't2i', config) == (
+      'data', 'tokenizer', 'text_encoder', 'feature_net')
+  config.teacher.repa.layer = config.teacher.num_layers
+  with pytest.raises(UserError, match=r'repa.layer=2: the teacher has blocks 0..1'):
     stages.validate(config)
 
 

@@ -6,6 +6,7 @@
     c, x = JointBlock_i(x, c, y)                              SD3 MMDiT blocks; the last is `context_pre_only`
     x = AdaLayerNormContinuous(x, y)                          LN without affine, * (1 + scale) + shift
     logits = x @ embeddings[:K].T                             head tied to the codebook rows, no bias
+    r = repa_projector(x after block repa_layer)              optional (REPA, training only; `repa_loss`)
 
 Joint block (diffusers' `JointTransformerBlock`): each stream has its own adaLN-Zero modulation from silu(y)
 (shift/scale/gate for attention and MLP), its own q/k/v projections (`to_q/k/v` for the image stream,
@@ -129,13 +130,20 @@ class MaskGenTransformer(nn.Module):
   mlp_ratio: float = 4.0
   micro_condition_dim: int = 256  # Size of the aesthetic score's sinusoidal embedding (0 = no micro-condition).
   extra_embedding_rows: int = 0  # Unused rows after the mask row (1001 in the released table).
+  # Representation alignment (REPA, Yu et al. 2024; `repa_loss`): an MLP `repa_projector` of width `repa_hidden` maps
+  # the image stream after block `repa_layer` to `repa_dim` features (0 = no projector, as the released model).
+  repa_dim: int = 0
+  repa_layer: int = 1
+  repa_hidden: int = 256
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, text_states, pooled, aesthetic, embedding_noise: float = 0.0):
+  def __call__(self, tokens, text_states, pooled, aesthetic, embedding_noise: float = 0.0,
+               return_repa: bool = False):
     """`embedding_noise` sigma > 0 (Di[M]O's one-step generator input) turns the image tokens' embeddings e into
     sigma * eps + sqrt(1 - sigma^2) * e, eps ~ N(0, I) from the `'embedding_noise'` RNG stream, before the position
-    embeddings are added (as `maskgit.Embed` does for MaskGIT)."""
+    embeddings are added (as `maskgit.Embed` does for MaskGIT). `return_repa`: also return the projector's output
+    `[B, N, repa_dim]` (logits, projection)."""
     init = truncated_normal(0.02)
     rows = self.codebook_size + 1 + self.extra_embedding_rows  # + the mask token (+ unused rows).
     table = self.param('embeddings', init, (rows, self.hidden_size))
@@ -149,12 +157,38 @@ class MaskGenTransformer(nn.Module):
     if self.micro_condition_dim:
       pooled = jnp.concatenate([pooled, sinusoidal_embedding(aesthetic * 100.0, self.micro_condition_dim)], -1)
     y = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name='cond_pooled_proj')(pooled)
+    if return_repa and not self.repa_dim:
+      raise ValueError('return_repa needs a model with repa_dim > 0.')
+    projection = None
     for i in range(self.num_layers):
       c, x = JointBlock(self.hidden_size, self.num_heads, self.mlp_ratio, i == self.num_layers - 1, self.dtype,
                         name=f'blocks_{i}')(x, c, y)
+      if i == self.repa_layer and self.repa_dim and (return_repa or self.is_initializing()):
+        projection = RepaProjector(self.repa_hidden, self.repa_dim, self.dtype, name='repa_projector')(x)
     scale, shift = modulation(y, self.hidden_size, 2, 'norm_out', self.dtype)
     x = _ln(x) * (1 + scale) + shift
-    return (x @ table[:self.codebook_size].T.astype(x.dtype)).astype(jnp.float32)
+    logits = (x @ table[:self.codebook_size].T.astype(x.dtype)).astype(jnp.float32)
+    return (logits, projection.astype(jnp.float32)) if return_repa else logits
+
+
+class RepaProjector(nn.Module):
+  """REPA's projector: Dense -> SiLU -> Dense -> SiLU -> Dense, per token."""
+  hidden: int
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = jax.nn.silu(nn.Dense(self.hidden, dtype=self.dtype, name=f'fc{i + 1}')(x))
+    return nn.Dense(self.out, dtype=self.dtype, name='fc3')(x)
+
+
+def repa_loss(projection: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """REPA's alignment loss: (mean of 1 - cos(projection, target) over tokens, that mean cosine); `[B, N, F]` each."""
+  unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
+  cosine = jnp.mean(jnp.sum(unit(projection) * unit(jax.lax.stop_gradient(target)), axis=-1))
+  return 1.0 - cosine, cosine
 
 
 class MaskGenModel:
@@ -204,6 +238,10 @@ class MaskGenModel:
     return self._apply(lambda p, *a: self.net.apply({'params': p}, *a, embedding_noise, rngs=rngs), params, tokens,
                        cond)
 
+  def logits_and_repa(self, params, tokens: jax.Array, cond) -> tuple[jax.Array, jax.Array]:
+    """(logits `[B, N, K]`, REPA projection `[B, N, repa_dim]`) of a model built with `repa_dim > 0`."""
+    return self._apply(lambda p, *a: self.net.apply({'params': p}, *a, return_repa=True), params, tokens, cond)
+
   def guided_logits(self, params, tokens: jax.Array, cond, cfg_scale) -> jax.Array:
     """(1 + w) * cond - w * uncond with the empty caption as uncond; `cfg_scale` may be traced (guidance ramps)."""
     if isinstance(cfg_scale, (int, float)) and cfg_scale == 0:
@@ -234,12 +272,16 @@ def init_embeddings_from_codebook(params: dict, codebook: jax.Array, rng: jax.Ar
 
 
 def from_config(cfg, conditioner, codebook_size: int, num_tokens: int, text_encoder, text_params,
-                dtype: Any = jnp.float32) -> MaskGenModel:
-  """The generator of a config section like `configs/t2i_demo.py`'s `teacher`."""
+                dtype: Any = jnp.float32, repa_dim: int = 0) -> MaskGenModel:
+  """The generator of a config section like `configs/t2i_demo.py`'s `teacher`; `repa_dim` > 0 adds the REPA
+  projector of `cfg.repa` (`layer`, `hidden`) with that output size."""
+  repa = cfg.get('repa', None) if repa_dim else None
   net = MaskGenTransformer(codebook_size=codebook_size, num_tokens=num_tokens, hidden_size=cfg.hidden_size,
                            num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                            micro_condition_dim=cfg.micro_condition_dim,
-                           extra_embedding_rows=cfg.get('extra_embedding_rows', 0), dtype=dtype)
+                           extra_embedding_rows=cfg.get('extra_embedding_rows', 0),
+                           repa_dim=repa_dim if repa else 0, repa_layer=repa.layer if repa else 1,
+                           repa_hidden=repa.hidden if repa else 256, dtype=dtype)
   return MaskGenModel(net, conditioner, text_encoder, text_params, cfg.aesthetic_score)
 
 

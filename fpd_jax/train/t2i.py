@@ -6,7 +6,7 @@ checkpoints and FPD step with compositional-caption canvases (`fpd_jax/data/t2i.
   text_encoder  a small CLIP text tower trained contrastively against a small image tower on (canvas, caption)
                 pairs; frozen afterwards (only the text tower is exported)
   teacher       MaskGen on canvas tokens + captions (teacher.make_train_step: masking, label smoothing,
-                caption dropout p_uncond)
+                caption dropout p_uncond; optionally REPA against the feature network's cell features)
   eval_net      11-class cell classifier (digits + empty) on real cells: GenEval-lite's detector and FD features
   feature_net   the drift loss's encoder: another cell classifier (architecture, seed), applied to whole canvases
   distill       FPD (distill.trainer): groups = samples of one training prompt; teacher refinement with text CFG
@@ -168,8 +168,31 @@ def generator(config, text_params, dtype=jnp.float32) -> maskgen.MaskGenModel:
   """The MaskGen generator of `config.teacher` with the frozen text encoder's parameters."""
   tok = text_tokenizer(config)
   conditioner = cond_lib.TextConditioner(bos_id=tok.bos_id, eos_id=tok.eos_id)
+  repa_dim = config.feature_net.feature_dim if teacher_stage.repa_weight(config.teacher) > 0 else 0
   return maskgen.from_config(config.teacher, conditioner, config.tokenizer.codebook_size,
-                             build.token_grid(config) ** 2, text_tower(config), text_params, dtype=dtype)
+                             build.token_grid(config) ** 2, text_tower(config), text_params, dtype=dtype,
+                             repa_dim=repa_dim)
+
+
+def repa_target_fn(config, workdir: str):
+  """canvases `[B, H, W, 3]` -> REPA targets `[B, N, F]`: the feature network's (`feature_net` stage) penultimate
+  features of each cell, standardised per dimension (mean and std of 1,100 training cells of every class), given to
+  every token of that cell (row-major token grid, 2x2 cells). Standardised, the cosine reads what tells cells apart
+  rather than the features' common mean."""
+  net, params, _ = eval_net_stage.load('feature_net', config.feature_net, config, workdir)
+  grid = build.token_grid(config)
+  cell_of_token = (np.arange(grid)[:, None] // (grid // 2) * 2 + np.arange(grid)[None] // (grid // 2)).reshape(-1)
+  sample = t2i.cell_batch(bank(config, workdir, 'train'), config.feature_net.seed + 2, 0, 1100)['image']
+  reference = eval_net_stage.logits_and_features(net, params, sample)[1]
+  mean, std = reference.mean(0), reference.std(0) + 1e-3
+
+  def targets(images):
+    cells = geneval_lite.cells(images)
+    features = eval_net_stage.logits_and_features(net, params, cells.reshape((-1,) + cells.shape[2:]))[1]
+    features = ((features - mean) / std).reshape(len(images), 4, -1)
+    return features[:, cell_of_token].astype(np.float32)
+
+  return targets
 
 
 def _init_generator(model, config, rng):
@@ -185,11 +208,15 @@ def run_teacher(config, workdir: str) -> dict:
   train, tok = bank(config, workdir, 'train'), text_tokenizer(config)
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   init_rng, rng = jax.random.split(jax.random.key(config.seed + 2))
+  repa_targets = repa_target_fn(config, workdir) if teacher_stage.repa_weight(cfg) > 0 else None
 
   def batch_fn(s):
     batch = t2i.train_batch(train, tok, config.seed + 2, s, cfg.batch_size)
     tokens = tokenizer_stage.encode_images(vq, vq_params, batch['image'])
-    return sharding.host_rows({'tokens': tokens.reshape(len(tokens), -1).astype(np.int32), 'label': batch['ids']})
+    out = {'tokens': tokens.reshape(len(tokens), -1).astype(np.int32), 'label': batch['ids']}
+    if repa_targets is not None:
+      out['repa_target'] = repa_targets(batch['image'])
+    return sharding.host_rows(out)
 
   def init_params():
     params = _init_generator(model, config, init_rng)

@@ -17,25 +17,44 @@ from fpd_jax import sharding
 from fpd_jax import mask_schedule
 from fpd_jax.data import mnist
 from fpd_jax.models import build
+from fpd_jax.models import maskgen
 from fpd_jax.train import loop
 from fpd_jax.train import optim
 from fpd_jax.train import tokenizer as tokenizer_stage
 
 
 def masked_token_loss(model, params, tokens, cond, rng, *, label_smoothing: float, p_uncond: float,
-                      schedule: str, deterministic: bool = False, mask_block: int = 0, mask_block_prob: float = 0.0):
+                      schedule: str, deterministic: bool = False, mask_block: int = 0, mask_block_prob: float = 0.0,
+                      repa_target=None, repa_weight: float = 0.0):
   """Label-smoothed cross-entropy of the masked positions, and accuracy on them (`mask_block`, `mask_block_prob`:
-  `mask_schedule.mask_tokens`'s block masking)."""
+  `mask_schedule.mask_tokens`'s block masking). With `repa_target` `[B, N, F]` (features of the clean image at each
+  token) and `repa_weight` > 0, adds `repa_weight` * REPA's alignment loss of every token (`maskgen.repa_loss`; the
+  model needs `logits_and_repa`)."""
   mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
   inputs, mask = mask_schedule.mask_tokens(mask_rng, tokens, model.mask_id, schedule, mask_block, mask_block_prob)
   cond = model.conditioner.drop(cond, drop_rng, p_uncond)
-  logits = model.logits(params, inputs, cond, deterministic=deterministic, dropout_rng=dropout_rng)
+  metrics = {}
+  if repa_target is not None and repa_weight > 0:
+    logits, projection = model.logits_and_repa(params, inputs, cond)
+    repa, metrics['repa_cosine'] = maskgen.repa_loss(projection, repa_target)
+  else:
+    logits = model.logits(params, inputs, cond, deterministic=deterministic, dropout_rng=dropout_rng)
+    repa = 0.0
   targets = optax.smooth_labels(jax.nn.one_hot(tokens, model.codebook_size), label_smoothing)
   xent = optax.softmax_cross_entropy(logits, targets)
   weights = mask.astype(jnp.float32)
-  loss = jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  token_loss = jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   accuracy = jnp.sum((jnp.argmax(logits, -1) == tokens) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  return loss, {'loss': loss, 'masked_accuracy': accuracy}
+  loss = token_loss + repa_weight * repa
+  if metrics:
+    metrics['token_loss'] = token_loss
+  return loss, {'loss': loss, 'masked_accuracy': accuracy, **metrics}
+
+
+def repa_weight(cfg) -> float:
+  """The REPA loss weight of a teacher config section (0 without a `repa` section: the class teacher)."""
+  repa = cfg.get('repa', None)
+  return float(repa.weight) if repa is not None else 0.0
 
 
 def make_train_step(model, tx, cfg):
@@ -46,7 +65,8 @@ def make_train_step(model, tx, cfg):
       return masked_token_loss(model, params, batch['tokens'], batch['label'], rng,
                                label_smoothing=cfg.label_smoothing, p_uncond=cfg.p_uncond,
                                schedule=cfg.mask_schedule, mask_block=cfg.get('mask_block_size', 0),
-                               mask_block_prob=cfg.get('mask_block_prob', 0.0))
+                               mask_block_prob=cfg.get('mask_block_prob', 0.0),
+                               repa_target=batch.get('repa_target'), repa_weight=repa_weight(cfg))
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
