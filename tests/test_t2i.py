@@ -418,6 +418,15 @@ def test_repa_projector_loss_and_train_step():
   assert moved['blocks_2']['to_q']['kernel'] > 0  # The token loss still trains the blocks after the aligned one.
 
 
+def test_cell_of_token_follows_the_canvas_cells():
+  cells = t2i.cell_of_token(8).reshape(8, 8)
+  np.testing.assert_array_equal(cells[:4, :4], 0)  # Top-left ...
+  np.testing.assert_array_equal(cells[:4, 4:], 1)
+  np.testing.assert_array_equal(cells[4:, :4], 2)
+  np.testing.assert_array_equal(cells[4:, 4:], 3)  # ... bottom-right (t2i.cell_position's order).
+  assert t2i.cell_position(int(t2i.cell_of_token(2)[1])) == (0, 1)
+
+
 def test_repa_teacher_waits_for_the_feature_network_and_checks_its_settings():
   config = t2i_demo.get_config('tiny')
   order = tuple(config.stages)

@@ -124,6 +124,12 @@ def cell_position(cell: int) -> tuple[int, int]:
   return cell // 2, cell % 2
 
 
+def cell_of_token(grid: int) -> np.ndarray:
+  """The cell (0..3, row-major) of each token of a row-major `grid` x `grid` token grid over the canvas `[grid**2]`."""
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  return (rows // (grid // 2) * 2 + cols // (grid // 2)).astype(np.int32)
+
+
 def relation_holds(relation: str, cell_a: int, cell_b: int) -> bool:
   """Whether the object in cell_a is `relation` (left/right/above/below) of the one in cell_b."""
   (ra, ca), (rb, cb) = cell_position(cell_a), cell_position(cell_b)

@@ -180,8 +180,7 @@ def repa_target_fn(config, workdir: str):
   every token of that cell (row-major token grid, 2x2 cells). Standardised, the cosine reads what tells cells apart
   rather than the features' common mean."""
   net, params, _ = eval_net_stage.load('feature_net', config.feature_net, config, workdir)
-  grid = build.token_grid(config)
-  cell_of_token = (np.arange(grid)[:, None] // (grid // 2) * 2 + np.arange(grid)[None] // (grid // 2)).reshape(-1)
+  cell_of_token = t2i.cell_of_token(build.token_grid(config))
   sample = t2i.cell_batch(bank(config, workdir, 'train'), config.feature_net.seed + 2, 0, 1100)['image']
   reference = eval_net_stage.logits_and_features(net, params, sample)[1]
   mean, std = reference.mean(0), reference.std(0) + 1e-3
