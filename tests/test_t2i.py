@@ -22,6 +22,7 @@ from fpd_jax.data import t2i
 from fpd_jax.errors import UserError
 from fpd_jax.eval import geneval_lite
 from fpd_jax.models import clip_text
+from fpd_jax.models import build
 from fpd_jax.models import maskgen
 from fpd_jax.tools import binding_probe
 from fpd_jax.train import optim
@@ -273,6 +274,24 @@ def test_tiny_t2i_pipeline_end_to_end(tiny_t2i):
   text = open(os.path.join(workdir, 'report.md')).read()
   assert 'GenEval-lite' in text and 'real canvases through the tokenizer' in text
   assert set(report['timings_s']) == set(config.stages)
+
+
+def test_repa_targets_give_each_token_its_cell_features(tiny_t2i):  # Reuses the tiny pipeline's feature_net.
+  config, workdir, _ = tiny_t2i
+  targets_of = t2i_stage.repa_target_fn(config, workdir)
+  canvases = t2i.canvas_batch(t2i_stage.bank(config, workdir, 'test'), t2i.eval_prompts(2)[:6],
+                              np.random.default_rng(0))['image']
+  targets = targets_of(canvases)
+  grid = build.token_grid(config)
+  assert targets.shape == (6, grid * grid, config.feature_net.feature_dim) and np.all(np.isfinite(targets))
+  cells = t2i.cell_of_token(grid)
+  for c in range(4):  # One vector per cell, shared by its tokens; cells of other content differ.
+    np.testing.assert_array_equal(targets[:, cells == c], np.repeat(targets[:, cells == c][:, :1], grid ** 2 // 4, 1))
+  swapped = canvases.copy()
+  half = canvases.shape[1] // 2
+  swapped[:, :half, :half], swapped[:, :half, half:] = canvases[:, :half, half:], canvases[:, :half, :half]
+  moved = targets_of(swapped)  # Swapping the top cells swaps their targets.
+  np.testing.assert_allclose(moved[:, cells == 0], targets[:, cells == 1], atol=1e-5)
 
 
 def _cli(*args):
