@@ -61,6 +61,7 @@ def test_remote_workdir_is_refused_with_the_fix():
     stages.run_pipeline(imagenet.get_config('smoke'), 'gs://bucket/run')
 
 
+@pytest.mark.slow  # Compiles the smoke FPD step for its memory plan (~20 s on 2 cores): the slow suite.
 def test_compile_report_of_the_smoke_step():
   config = distill.with_random_weights(imagenet.get_config('smoke'))
   partitioner = sharding.Partitioner.from_config(config)

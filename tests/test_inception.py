@@ -215,6 +215,8 @@ def test_inception_score_known_values():
 # ---- FID and the command.
 
 
+@pytest.mark.slow  # Compiles the whole InceptionV3 in a subprocess (~50 s on 2 cores); the default run checks the
+# command's errors (test_command_errors) and its in-process parts (features, statistics, IS).
 def test_command_fid_of_a_set_with_itself_is_zero_and_is_json(measure, params, tmp_path):
   """The command end to end on 10 small images against themselves, with a (random) classifier for IS."""
   images = small_images(10, size=24, seed=3)

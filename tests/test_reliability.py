@@ -130,6 +130,8 @@ def _assert_same_as_reference(workdir: str, clean: str) -> None:
   assert len(steps) <= config.train.keep_checkpoints and steps[-1] == NUM_STEPS, steps
 
 
+@pytest.mark.slow  # ~50 s on 2 cores. The default run resumes after SIGTERM (the next test) and in-process
+# (test_pipeline.py); this one adds a hard kill mid-run: no temporary save left behind, the same final parameters.
 def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_run(reference, tmp_path):
   inputs, clean = reference
   workdir = _copy_inputs(inputs, str(tmp_path / 'w'))

@@ -334,6 +334,7 @@ def test_gan_ablation_reads_real_canvases(tiny_t2i):
     assert 'gan_discriminator' in json.loads(f.readlines()[-1])  # The critic trained on real canvases.
 
 
+@pytest.mark.slow  # A diagnostic tool (~25 s on 2 cores on top of the tiny pipeline): the slow suite.
 def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the tiny pipeline.
   _, workdir, _ = tiny_t2i
   out = tmp_path / 'binding.json'
@@ -408,16 +409,17 @@ def test_repa_projector_loss_and_train_step():
   text, text_params, ids = _text_tower()
   conditioner = cond_lib.TextConditioner(TOK.bos_id, TOK.eos_id)
   make = lambda dim: maskgen.MaskGenModel(maskgen.MaskGenTransformer(
-      codebook_size=16, num_tokens=16, hidden_size=32, num_layers=3, num_heads=2, micro_condition_dim=8,
-      repa_dim=dim, repa_layer=1, repa_hidden=8), conditioner, text, text_params)
+      codebook_size=16, num_tokens=16, hidden_size=32, num_layers=2, num_heads=2, micro_condition_dim=8,
+      repa_dim=dim, repa_layer=0, repa_hidden=8), conditioner, text, text_params)
   model, plain = make(6), make(0)
   params = jax.jit(lambda rng: model.init(rng, 16, ids))(jax.random.key(1))['params']
   assert params['repa_projector']['fc3']['kernel'].shape == (8, 6)
-  assert 'repa_projector' not in jax.jit(lambda rng: plain.init(rng, 16, ids))(jax.random.key(1))['params']
+  assert 'repa_projector' not in jax.eval_shape(lambda rng: plain.init(rng, 16, ids), jax.random.key(1))['params']
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 17)
-  logits, projection = jax.jit(model.logits_and_repa)(params, tokens, ids)
+  (logits, projection), plain_logits = jax.jit(  # One program (each compile costs seconds here).
+      lambda p: (model.logits_and_repa(p, tokens, ids), model.logits(p, tokens, ids)))(params)
   assert projection.shape == (2, 16, 6)
-  np.testing.assert_allclose(logits, jax.jit(model.logits)(params, tokens, ids), atol=1e-6)
+  np.testing.assert_allclose(logits, plain_logits, atol=1e-6)
   loss, cosine = maskgen.repa_loss(projection, projection)
   np.testing.assert_allclose((loss, cosine), (0.0, 1.0), atol=1e-5)
   np.testing.assert_allclose(maskgen.repa_loss(projection, -3.0 * projection)[0], 2.0, atol=1e-5)
@@ -427,14 +429,14 @@ def test_repa_projector_loss_and_train_step():
   tx = optim.make_optimizer(config.teacher, 1.0)
   step = jax.jit(teacher_stage.make_train_step(model, tx, config.teacher))
   batch = {'tokens': tokens, 'label': jnp.asarray(ids), 'repa_target': jax.random.normal(jax.random.key(3), (2, 16, 6))}
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': jax.jit(tx.init)(params)}
   new, metrics = step(state, batch, jax.random.key(4))
   new = step(new, batch, jax.random.key(5))[0]  # The first step's learning rate is 0 (warmup).
   assert -1.0 <= metrics['repa_cosine'] <= 1.0
   np.testing.assert_allclose(metrics['loss'], metrics['token_loss'] + 0.5 * (1 - metrics['repa_cosine']), rtol=1e-5)
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new['params'], params)
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), new['params'], params)
   assert moved['repa_projector']['fc1']['kernel'] > 0 and moved['blocks_0']['to_q']['kernel'] > 0
-  assert moved['blocks_2']['to_q']['kernel'] > 0  # The token loss still trains the blocks after the aligned one.
+  assert moved['blocks_1']['to_q']['kernel'] > 0  # The token loss still trains the block after the aligned one.
 
 
 def test_cell_of_token_follows_the_canvas_cells():

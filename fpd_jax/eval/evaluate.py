@@ -163,16 +163,9 @@ def tokenizer_metrics(evaluator: Evaluator, config, workdir: str) -> dict:
   """Reconstruction MSE on the test split, FD of the held-out digits' reconstructions against the reference (the
   tokenizer's floor: compare with `real_data`), and codebook usage over the test and held-out digits."""
   model, params = tokenizer_stage.load(config, workdir)
-  grid = build.token_grid(config)
-
-  def reconstruct(images):
-    ids = tokenizer_stage.encode_images(model, params, images)
-    decode = lambda t: sampling.decode_tokens(model, params, t.reshape(len(t), -1), grid)
-    return ids, batching.map_batches(decode, ids)
-
   test = evaluator.test['image']
-  test_ids, test_recon = reconstruct(test)
-  ids, recon = reconstruct(evaluator.held_out['image'])
+  test_ids, test_recon = tokenizer_stage.encode_and_reconstruct(model, params, test)
+  ids, recon = tokenizer_stage.encode_and_reconstruct(model, params, evaluator.held_out['image'])
   used = np.unique(np.concatenate([np.ravel(test_ids), np.ravel(ids)]))
   return {'recon_mse': float(np.mean((test_recon - batching.as_float_images(test)) ** 2)),
           'recon_fd': evaluator.image_metrics(recon)['fd'],

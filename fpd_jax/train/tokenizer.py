@@ -118,12 +118,17 @@ def encode_images(model, params, images: np.ndarray) -> np.ndarray:
   return batching.map_batches(lambda x: _encode(model, params, x), images)
 
 
-def reconstruct_images(model, params, images: np.ndarray) -> np.ndarray:
-  """Images `[N, H, W, C]` encoded to tokens and decoded back, clipped to [0, 1] as samples are: what the tokenizer
-  keeps of real images, so the best any generator over its tokens can draw."""
+def encode_and_reconstruct(model, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(token grids `[N, h, w]`, images `[N, H, W, C]` decoded from them, clipped to [0, 1] as samples are): what the
+  tokenizer keeps of real images, so the best any generator over its tokens can draw."""
   grid = encode_images(model, params, images)
-  decode = jax.jit(lambda t: sampling.decode_tokens(model, params, t, grid.shape[1]))
-  return batching.map_batches(decode, grid.reshape(len(grid), -1))
+  decode = jax.jit(lambda p, t: sampling.decode_tokens(model, p, t, grid.shape[1]))  # One program, not op by op.
+  return grid, batching.map_batches(lambda t: decode(params, t), grid.reshape(len(grid), -1))
+
+
+def reconstruct_images(model, params, images: np.ndarray) -> np.ndarray:
+  """Images `[N, H, W, C]` encoded to tokens and decoded back (`encode_and_reconstruct`'s images)."""
+  return encode_and_reconstruct(model, params, images)[1]
 
 
 def tokenize_split(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
