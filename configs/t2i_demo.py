@@ -130,8 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # seed's other stages): seed 0 0.506 vs 0.478, FD 1.05 vs 1.27; seed 1 0.466 vs 0.407, FD 1.00 vs 1.11; seed 2
   # 0.449 vs 0.405, FD 0.85 vs 1.11 (0.474 +- 0.029 vs 0.430 +- 0.042; two objects 0.36 / 0.34 / 0.24 vs 0.23 /
   # 0.18 / 0.19, seed-0 counting 0.88 vs 0.78, colours 0.78 / 0.77 / 0.74; position and colour attribution
-  # unchanged). With embedding_init='codebook' too, seed 0: 0.519, FD 0.91. Not yet the default (the
-  # demo's table was measured without it).
+  # unchanged). With embedding_init='codebook' too, seed 0: 0.519, FD 0.91. Off by default: the FPD students of
+  # these teachers score 0.404 / 0.308 / 0.355 (from the default teachers 0.403 / 0.330 / 0.302) at FD 1.17 / 1.28
+  # / 1.29 (1.28 / 1.13 / 0.94): a better teacher, not a better one-step student.
   c.teacher.repa = ml_collections.ConfigDict()
   c.teacher.repa.weight = 0.0
   c.teacher.repa.layer = 1  # Block (0-based) whose image-stream output is aligned.
