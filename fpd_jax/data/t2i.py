@@ -94,7 +94,9 @@ def _noun(digit: int, colour: int) -> str:
 
 
 def random_prompt(rng: np.random.Generator, family: str | None = None) -> Prompt:
-  """A prompt of a (random) family; training prompts never hold a held-out combination (resampled)."""
+  """A prompt of a (random) family; training prompts never hold a held-out combination: such a draw is redrawn,
+  family and all, so families with many held-out combinations come up less often in training (shares: single
+  object, two objects, counting ~0.20 each, position 0.17, colours 0.14, colour attribution 0.10)."""
   while True:
     p = _draw(rng, family or FAMILIES[rng.integers(len(FAMILIES))])
     if not p.held_out:
