@@ -348,10 +348,38 @@ def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the t
     assert all(0 <= i[k] <= 1 for k in ('check', 'named', 'copied_first', 'empty'))
     assert i['named'] + i['copied_first'] + i['empty'] <= 1
     assert 0 <= g['digits_per_canvas'] <= 4 and 0 <= g['first_present'] <= 1
+    assert set(r['caption']) == {'true', 'roles_swapped', 'digit_changed', 'empty', 'words_only', 'pooled_only'}
+    assert all(np.isfinite(v) and v > 0 for v in r['caption'].values())
+  assert 'on_its_side' in results['position']['generate']
   with pytest.raises(UserError, match='--families=counting: choose among two_object,position,color_attr'):
     binding_probe.run(workdir, 4, 2, 0, ['counting'])
   res = _cli('fpd_jax.tools.binding_probe', f'--workdir={tmp_path}')
   assert res.returncode == 2 and 'the teacher not found' in res.stderr, res.stderr
+
+
+def test_binding_probe_caption_edits_change_only_the_roles_or_one_digit():
+  rng = np.random.default_rng(0)
+  position = t2i.Prompt('position', (4, 6), (-1, -1), relation='left')
+  colours = t2i.Prompt('color_attr', (3, 6), (0, 1))
+  assert binding_probe.swap_roles(position).caption == 'a four to the right of a six'
+  assert binding_probe.swap_roles(colours).caption == 'a green three and a red six'
+  assert binding_probe.swap_roles(t2i.Prompt('two_object', (1, 2), (-1, -1))).caption == 'a two and a one'
+  for p in (position, colours):
+    for _ in range(20):
+      changed = binding_probe.change_digit(p, rng)
+      assert len(set(changed.digits) - set(p.digits)) == 1 and changed.colours == p.colours
+      for _ in range(4):  # No layout of the prompt satisfies the changed caption.
+        digits, cols = t2i.sample_layout(p, rng)
+        assert not geneval_lite.check(changed, digits, np.where(digits == t2i.EMPTY, -1, cols))
+
+
+def test_binding_probe_on_its_side_reads_the_relation():
+  e = t2i.EMPTY
+  left, below = (t2i.Prompt('position', (4, 6), (-1, -1), relation=r) for r in ('left', 'below'))
+  assert binding_probe.on_its_side([left], np.array([[4, 6, e, e]])) == 1.0
+  assert binding_probe.on_its_side([left], np.array([[6, 4, e, e]])) == 0.0
+  assert binding_probe.on_its_side([below, below], np.array([[6, e, 4, e], [4, e, 6, 6]])) == 0.4  # 2 of 5 cells.
+  assert binding_probe.on_its_side([left], np.array([[e, 1, e, e]])) is None
 
 
 def test_binding_probe_ridge_accuracy_reads_what_the_features_hold():

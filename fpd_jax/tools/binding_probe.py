@@ -10,9 +10,19 @@ Two ways of decoding with the teacher (its config's sampler, `--steps` steps):
             canvases whose cell then holds Y (`named`), X again (`copied_first`), nothing (`empty`) or another
             digit, and the GenEval-lite check of the whole canvas.
   generate  every token masked (the normal sampler): the check, the share of canvases where X and Y appear
-            (`first_present`, `second_present`) and digits per canvas.
+            (`first_present`, `second_present`), digits per canvas, and for position the share of named digits
+            drawn on the side the caption puts them (`on_its_side`; 0.5 at random).
 
-and a third, of the frozen text encoder alone:
+Without decoding, `caption` is the teacher's masked-token loss on the same real canvases given their caption, the
+caption with the words' roles exchanged (`roles_swapped`: the relation inverted for position, the two colours
+swapped for colour attribution; for two objects the objects' order, which changes nothing a layout must satisfy),
+the caption with one named digit changed (`digit_changed`), the empty caption, and the caption's word states with
+the empty caption's pooled vector (`words_only`) or the reverse (`pooled_only`). A teacher that reads only which
+words occur (a bag of words) loses no more with the roles swapped than with the true caption, though it does with a
+digit changed; the two mixes show whether the caption reaches it through the words (joint attention) or through
+the pooled vector (adaLN).
+
+And one of the frozen text encoder alone:
 
   text      linear (ridge) probes of its pooled vector on `--text_num` training prompts of the family (a fifth held
             out): the first and the second named digit, the relation (position) and each object's colour
@@ -24,6 +34,7 @@ caption alone, independently of the others, copies X about as often as it draws 
 writes the numbers to `--out` (JSON) when given.
 """
 
+import dataclasses
 import json
 import os
 
@@ -32,9 +43,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
+from fpd_jax import mask_schedule
 from fpd_jax import sampling
 from fpd_jax.data import t2i
 from fpd_jax.errors import UserError
@@ -57,7 +70,7 @@ def load(config, workdir: str) -> dict:
 
 
 def probe(config, parts: dict, family: str, num: int, steps: int, seed: int = 0, batch_size: int = 80) -> dict:
-  """{'infill': {...}, 'generate': {...}} of the teacher in `parts` (`load`) on `num` prompts of a two-object
+  """{'caption': {...}, 'infill': {...}, 'generate': {...}} of the teacher in `parts` (`load`) on `num` prompts of a two-object
   `family`."""
   teacher, params, vq, vq_params, net, net_params = (
       parts[k] for k in ('teacher', 'params', 'vq', 'vq_params', 'net', 'net_params'))
@@ -86,15 +99,82 @@ def probe(config, parts: dict, family: str, num: int, steps: int, seed: int = 0,
     check = float(np.mean([geneval_lite.check(p, d, c) for p, d, c in zip(prompts, digits, colours)]))
     return digits, check
 
+  encode = t2i_stage.text_tokenizer(config).encode
+  result = {'caption': caption_sensitivity(
+      teacher, params, tokens.reshape(num, -1), seed, config.teacher.mask_schedule, true=ids,
+      roles_swapped=encode([swap_roles(p).caption for p in prompts]),
+      digit_changed=encode([change_digit(p, rng).caption for p in prompts]))}
   digits, check = read(infill)
   filled = digits[np.arange(num), second_cell]
-  result = {'infill': {'check': check, 'named': float(np.mean(filled == second)),
-                       'copied_first': float(np.mean(filled == first)), 'empty': float(np.mean(filled == t2i.EMPTY))}}
+  result['infill'] = {'check': check, 'named': float(np.mean(filled == second)),
+                      'copied_first': float(np.mean(filled == first)), 'empty': float(np.mean(filled == t2i.EMPTY))}
   digits, check = read(np.full_like(tokens, teacher.mask_id))
   result['generate'] = {'check': check, 'first_present': float(np.mean((digits == first[:, None]).any(1))),
                         'second_present': float(np.mean((digits == second[:, None]).any(1))),
                         'digits_per_canvas': float(np.mean((digits != t2i.EMPTY).sum(1)))}
+  if family == 'position':
+    result['generate']['on_its_side'] = on_its_side(prompts, digits)
   return result
+
+
+def swap_roles(prompt: t2i.Prompt) -> t2i.Prompt:
+  """`prompt` with its words' roles exchanged: the relation inverted (position), the two colours swapped (colour
+  attribution; the same caption when both are alike), the two objects in the other order (two objects)."""
+  if prompt.family == 'position':
+    return dataclasses.replace(prompt, relation=t2i.INVERSE[prompt.relation])
+  if prompt.family == 'color_attr':
+    return dataclasses.replace(prompt, colours=prompt.colours[::-1])
+  return dataclasses.replace(prompt, digits=prompt.digits[::-1])
+
+
+def change_digit(prompt: t2i.Prompt, rng: np.random.Generator) -> t2i.Prompt:
+  """`prompt` with one of its named digits (at random) replaced by a digit it does not name."""
+  digits = list(prompt.digits)
+  digits[rng.integers(len(digits))] = int(rng.choice([d for d in range(10) if d not in prompt.digits]))
+  return dataclasses.replace(prompt, digits=tuple(digits))
+
+
+def caption_sensitivity(teacher, params, tokens: np.ndarray, seed: int, schedule: str = 'arccos', draws: int = 4,
+                        **captions: np.ndarray) -> dict:
+  """The teacher's masked-token loss (training masks of `schedule`, no smoothing; the same `draws` masks for every
+  condition) on real canvases `tokens [B, N]` given each of `captions` (name: ids [B, L]; the first is the canvases'
+  own), the empty caption (`empty`), and two mixes that tell which path the caption takes into the generator: the
+  first caption's word states with the empty caption's pooled vector (`words_only`) and the reverse
+  (`pooled_only`)."""
+  (name, ids), encode = next(iter(captions.items())), lambda c: teacher.encode_text(jnp.asarray(c))
+  conditions = {k: encode(c) for k, c in captions.items()}
+  conditions['empty'] = encode(teacher.conditioner.null(jnp.asarray(ids)))
+  conditions['words_only'] = (conditions[name][0], conditions['empty'][1])
+  conditions['pooled_only'] = (conditions['empty'][0], conditions[name][1])
+  aesthetic = jnp.full((len(tokens),), teacher.aesthetic_score, jnp.float32)
+  tokens = jnp.asarray(tokens, jnp.int32)
+
+  @jax.jit
+  def loss(text_states, text_pooled, key):
+    inputs, mask = mask_schedule.mask_tokens(key, tokens, teacher.mask_id, schedule)
+    logits = teacher.net.apply({'params': params}, inputs, text_states, text_pooled, aesthetic)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    return jnp.sum(xent * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+  return {k: float(np.mean([loss(*c, jax.random.key(seed + i)) for i in range(draws)]))
+          for k, c in conditions.items()}
+
+
+def on_its_side(prompts: list, digits: np.ndarray) -> float:
+  """Share of the named digits drawn on the side their position caption puts them (the first-named digit left of,
+  right of, above or below, the second on the other side), over every cell holding one: 0.5 when sides are random;
+  None when no cell holds one."""
+  side = {'left': lambda r, c: c == 0, 'right': lambda r, c: c == 1, 'above': lambda r, c: r == 0,
+          'below': lambda r, c: r == 1}
+  hits = []
+  for p, cells in zip(prompts, digits):
+    for cell, d in enumerate(cells):
+      first_side = side[p.relation](*t2i.cell_position(cell))
+      if d == p.digits[0]:
+        hits.append(first_side)
+      elif d == p.digits[1]:
+        hits.append(not first_side)
+  return float(np.mean(hits)) if hits else None
 
 
 def ridge_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float = 1e-2) -> float:
@@ -145,6 +225,14 @@ def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out:
     i, g = r['infill'], r['generate']
     print(f'{f:<12} | {i["check"]:13.3f} {i["named"]:7.3f} {i["copied_first"]:13.3f} {i["empty"]:6.3f} | '
           f'{g["check"]:15.3f} {g["first_present"]:6.3f} {g["second_present"]:7.3f} {g["digits_per_canvas"]:7.2f}')
+  names = ('true', 'roles_swapped', 'digit_changed', 'empty', 'words_only', 'pooled_only')
+  print(f'{"family":<12} | teacher loss on real canvases given the caption: ' + '  '.join(names))
+  for f, r in results.items():
+    print(f'{f:<12} | {"":47}' + '  '.join(f'{r["caption"][n]:{len(n)}.3f}' for n in names))
+  if 'position' in results:
+    side = results['position']['generate']['on_its_side']
+    print(f'position     | named digits drawn on their side: {"none drawn" if side is None else f"{side:.3f}"} '
+          '(0.5 = at random)')
   for f, r in results.items():
     if 'text' in r:
       print(f'{f:<12} | text encoder, linear probes of the pooled vector: '
