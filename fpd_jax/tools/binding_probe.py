@@ -70,8 +70,8 @@ def load(config, workdir: str) -> dict:
 
 
 def probe(config, parts: dict, family: str, num: int, steps: int, seed: int = 0, batch_size: int = 80) -> dict:
-  """{'caption': {...}, 'infill': {...}, 'generate': {...}} of the teacher in `parts` (`load`) on `num` prompts of a two-object
-  `family`."""
+  """{'caption': {...}, 'infill': {...}, 'generate': {...}} of the teacher in `parts` (`load`) on `num` prompts of
+  a two-object `family`."""
   teacher, params, vq, vq_params, net, net_params = (
       parts[k] for k in ('teacher', 'params', 'vq', 'vq_params', 'net', 'net_params'))
   grid = build.token_grid(config)
@@ -160,7 +160,7 @@ def caption_sensitivity(teacher, params, tokens: np.ndarray, seed: int, schedule
           for k, c in conditions.items()}
 
 
-def on_its_side(prompts: list, digits: np.ndarray) -> float:
+def on_its_side(prompts: list, digits: np.ndarray) -> float | None:
   """Share of the named digits drawn on the side their position caption puts them (the first-named digit left of,
   right of, above or below, the second on the other side), over every cell holding one: 0.5 when sides are random;
   None when no cell holds one."""
