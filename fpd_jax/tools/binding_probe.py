@@ -164,12 +164,10 @@ def on_its_side(prompts: list, digits: np.ndarray) -> float | None:
   """Share of the named digits drawn on the side their position caption puts them (the first-named digit left of,
   right of, above or below, the second on the other side), over every cell holding one: 0.5 when sides are random;
   None when no cell holds one."""
-  side = {'left': lambda r, c: c == 0, 'right': lambda r, c: c == 1, 'above': lambda r, c: r == 0,
-          'below': lambda r, c: r == 1}
   hits = []
   for p, cells in zip(prompts, digits):
     for cell, d in enumerate(cells):
-      first_side = side[p.relation](*t2i.cell_position(cell))
+      first_side = t2i.relation_holds(p.relation, cell, 3 - cell)  # On the relation's side of the opposite corner.
       if d == p.digits[0]:
         hits.append(first_side)
       elif d == p.digits[1]:
