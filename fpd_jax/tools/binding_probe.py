@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
@@ -55,6 +54,7 @@ from fpd_jax.eval import geneval_lite
 from fpd_jax.models import build
 from fpd_jax.train import eval_net as eval_net_stage
 from fpd_jax.train import t2i as t2i_stage
+from fpd_jax.train import teacher as teacher_stage
 from fpd_jax.train import tokenizer as tokenizer_stage
 
 FAMILIES = ('two_object', 'position', 'color_attr')
@@ -153,8 +153,7 @@ def caption_sensitivity(teacher, params, tokens: np.ndarray, seed: int, schedule
   def loss(text_states, text_pooled, key):
     inputs, mask = mask_schedule.mask_tokens(key, tokens, teacher.mask_id, schedule)
     logits = teacher.net.apply({'params': params}, inputs, text_states, text_pooled, aesthetic)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    return jnp.sum(xent * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return teacher_stage.masked_cross_entropy(logits, tokens, mask, teacher.codebook_size)
 
   return {k: float(np.mean([loss(*c, jax.random.key(seed + i)) for i in range(draws)]))
           for k, c in conditions.items()}

@@ -40,15 +40,21 @@ def masked_token_loss(model, params, tokens, cond, rng, *, label_smoothing: floa
   else:
     logits = model.logits(params, inputs, cond, deterministic=deterministic, dropout_rng=dropout_rng)
     repa = 0.0
-  targets = optax.smooth_labels(jax.nn.one_hot(tokens, model.codebook_size), label_smoothing)
-  xent = optax.softmax_cross_entropy(logits, targets)
+  token_loss = masked_cross_entropy(logits, tokens, mask, model.codebook_size, label_smoothing)
   weights = mask.astype(jnp.float32)
-  token_loss = jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   accuracy = jnp.sum((jnp.argmax(logits, -1) == tokens) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   loss = token_loss + repa_weight * repa
   if metrics:
     metrics['token_loss'] = token_loss
   return loss, {'loss': loss, 'masked_accuracy': accuracy, **metrics}
+
+
+def masked_cross_entropy(logits, tokens, mask, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  """Mean label-smoothed cross-entropy of `logits [B, N, K]` against `tokens [B, N]` over the positions `mask`."""
+  targets = optax.smooth_labels(jax.nn.one_hot(tokens, num_classes), label_smoothing)
+  xent = optax.softmax_cross_entropy(logits, targets)
+  weights = mask.astype(jnp.float32)
+  return jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def repa_weight(cfg) -> float:
