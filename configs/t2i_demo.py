@@ -208,9 +208,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # on an all-masked input (r_init 1.0) instead, from the 4,500-step teacher: 0.339 / 2.46 (argmax at 0.95: 0.412 /
   # 0.98); with the tiled tokenizer 0.311 / 11.2 (0.475 / 4.62). Input codes drawn from the code frequencies of
   # training canvases instead of uniformly (mostly background codes; measured, not kept): 0.379 / 1.16 from the
-  # 4,500-step teacher, tiled 0.448 / 3.10 (two digits still on 51 of 160 single-object canvases). Text CFG in the student's one forward pass
-  # ((1+w) cond - w uncond, two passes) was measured and not kept: w 0.5 / 1 / 2 gave 0.399 / 0.384 / 0.371 at FD
-  # 1.66 / 2.01 / 2.53 (seed 0).
+  # 4,500-step teacher, tiled 0.448 / 3.10 (two digits still on 51 of 160 single-object canvases). Text CFG in the
+  # student's one forward pass ((1+w) cond - w uncond, two passes) was measured and not kept: w 0.5 / 1 / 2 gave
+  # 0.399 / 0.384 / 0.371 at FD 1.66 / 2.01 / 2.53 (seed 0).
   c.distill.groups_per_batch = 8  # Prompts per batch.
   c.distill.samples_per_group = 8  # Samples per prompt.
   # As on the class demo, where 600 FPD steps overshot the 8-step teacher and 200 did not (configs/demo.py). Here
