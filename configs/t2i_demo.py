@@ -226,8 +226,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0  # Token sampling temperature tau (of the first step when annealed).
   c.sampling.temperature_end = 0.5  # tau of the last step, annealed linearly (None: constant tau).
   # Gumbel noise scale on re-masking confidence (annealed to 0). 16-step teacher, 4.5 against 1.0 and 9.0: the
-  # 4,500-step seed-0 teacher 0.530 (FD 1.25) against 0.452 (FD 5.42) and 0.533 (FD 0.74); the tiled tokenizer's
-  # teachers, seeds 0 / 1: 0.511 / 0.472 (FD 1.67 / 2.39) against 9.0's 0.513 / 0.462 (FD 1.80 / 2.06). Not changed.
+  # 4,500-step seed-0 teacher 0.530 (FD 1.25) against 0.452 (FD 5.42) and 0.533 (FD 0.74). 9.0 against 4.5 on the
+  # default seed-0 teacher: 0.503 (FD 0.86) against 0.478 (FD 1.27); on the REPA teachers of seeds 0 / 1 / 2:
+  # 0.516 / 0.467 / 0.454 (FD 0.81 / 0.94 / 0.81) against 0.506 / 0.466 / 0.449 (FD 1.05 / 1.00 / 0.85); the
+  # layout-REPA one (README, Binding) 0.496 (FD 0.86) against 0.500 (1.10); the tiled tokenizer's, seeds 0 / 1:
+  # 0.513 / 0.462 (FD 1.80 / 2.06) against 0.511 / 0.472 (FD 1.67 / 2.39). Not yet the default: the README's
+  # tables were measured with 4.5 (README: the teacher's sampler).
   c.sampling.choice_temperature = 4.5
   c.sampling.cfg_scale = 2.0  # Text CFG w in (1+w)*cond - w*uncond (0 disables).
   c.sampling.cfg_schedule = 'cosine'  # 'cosine' (MaskGen's ramp to w at the last step) or 'constant'.
