@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.num_layers = 16  # MMDiT blocks; the last is context_pre_only.
   c.teacher.num_heads = 16
   c.teacher.mlp_ratio = 4.0
+  c.teacher.qk_norm = False  # The released blocks have no query/key RMSNorm (configs/t2i_demo.py turns it on).
   c.teacher.micro_condition_dim = 256  # Sinusoidal embedding of the aesthetic score x 100.
   c.teacher.extra_embedding_rows = 1001  # Unused class rows of the released embedding table.
   c.teacher.aesthetic_score = 6.5  # The micro-condition (the released inference config's sample_aesthetic_score).

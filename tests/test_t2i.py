@@ -25,6 +25,7 @@ from fpd_jax.models import clip_text
 from fpd_jax.models import build
 from fpd_jax.models import maskgen
 from fpd_jax.tools import binding_probe
+from fpd_jax.tools import layout_toy
 from fpd_jax.train import optim
 from fpd_jax.train import t2i as t2i_stage
 from fpd_jax.train import teacher as teacher_stage
@@ -152,6 +153,24 @@ def test_joint_block_shapes_and_adaln_zero_identity_at_init():
     c_out, x_out = apply({'params': params}, x, c, y)
     assert x_out.shape == x.shape and not np.allclose(x_out, x)
     assert pre_only or (c_out.shape == c.shape and not np.allclose(c_out, c))
+
+
+def test_joint_block_qk_norm_makes_attention_independent_of_query_key_scale():
+  """With qk_norm, scaling the query and key projections (what lets attention logits grow until softmax saturates)
+  leaves the block's output unchanged; without it the output changes."""
+  x, c, y = (jax.random.normal(k, s) for k, s in zip(jax.random.split(jax.random.key(0), 3),
+                                                     [(2, 16, 32), (2, 12, 32), (2, 32)]))
+  for qk_norm in (True, False):
+    block = maskgen.JointBlock(32, 4, qk_norm=qk_norm)
+    params = jax.tree.map(lambda p: p + 0.05, jax.jit(block.init)(jax.random.key(1), x, c, y)['params'])
+    norms = {'norm_q', 'norm_k', 'norm_added_q', 'norm_added_k'}
+    assert (norms <= set(params)) == qk_norm and (not qk_norm or params['norm_q']['scale'].shape == (8,))
+    scaled = {**params, **{n: jax.tree.map(lambda w: w * 30.0, params[n])  # Kernel and bias.
+                           for n in ('to_q', 'to_k', 'add_q_proj', 'add_k_proj')}}
+    apply = jax.jit(block.apply)
+    (c0, x0), (c1, x1) = apply({'params': params}, x, c, y), apply({'params': scaled}, x, c, y)
+    same = np.allclose(x0, x1, atol=1e-4) and np.allclose(c0, c1, atol=1e-4)
+    assert same == qk_norm
 
 
 def test_maskgen_model_interface_and_tied_head():
@@ -355,6 +374,41 @@ def test_binding_probe_on_the_tiny_pipeline(tiny_t2i, tmp_path):  # Reuses the t
     binding_probe.run(workdir, 4, 2, 0, ['counting'])
   res = _cli('fpd_jax.tools.binding_probe', f'--workdir={tmp_path}')
   assert res.returncode == 2 and 'the teacher not found' in res.stderr, res.stderr
+
+
+def test_layout_toy_cell_tokens_round_trip_and_flag_errors():
+  rng = np.random.default_rng(0)
+  prompts = [t2i.random_prompt(rng, f) for f in t2i.FAMILIES for _ in range(5)]
+  for colours in (False, True):
+    tokens = layout_toy.layout_tokens(prompts, np.random.default_rng(1), colours)
+    digits, cols = layout_toy.cells_of_tokens(tokens, colours)
+    want_digits, want_cols = zip(*(t2i.sample_layout(p, np.random.default_rng(1)) for p in prompts[:1]))
+    assert tokens.shape == (30, 4) and tokens.max() < 1 + 10 * (7 if colours else 1)
+    np.testing.assert_array_equal(digits[0], want_digits[0])
+    if colours:
+      np.testing.assert_array_equal(cols[0][digits[0] != t2i.EMPTY], want_cols[0][digits[0] != t2i.EMPTY])
+    # The layouts satisfy their prompts (colour checks only where the tokens carry colours).
+    ok = [geneval_lite.check(p, d, c) for p, d, c in zip(prompts, digits, cols) if colours or not p.colours
+          or all(x < 0 for x in p.colours)]
+    assert all(ok) and len(ok) >= 20
+  with pytest.raises(UserError, match='--families=shapes: choose among'):
+    layout_toy.run('/nonexistent', 10, ['shapes'], True)
+  with pytest.raises(UserError, match='names colours: add --colours'):
+    layout_toy.run('/nonexistent', 10, ['position', 'color_attr'], True)
+  with pytest.raises(UserError, match='the text encoder not found'):
+    layout_toy.run('/nonexistent', 10, ['position'], True)
+
+
+@pytest.mark.slow  # A diagnostic tool (~30 s on 2 cores on top of the tiny pipeline): the slow suite.
+def test_layout_toy_on_the_tiny_pipeline(tiny_t2i, tmp_path):
+  _, workdir, _ = tiny_t2i
+  out = tmp_path / 'toy.json'
+  result = layout_toy.run(workdir, 3, ['two_object', 'position'], qk_norm=True, out=str(out), log=lambda *a: None)
+  assert json.load(open(out)) == json.loads(json.dumps(result))
+  assert set(result['scores']) == {'1', '4'} and all(0 <= v <= 1 for s in result['scores'].values()
+                                                        for v in s.values())
+  for m in result['marginals'].values():
+    assert len(m['three']) == 4 and all(0 <= a + b <= 1 for a, b in zip(m['three'], m['five']))
 
 
 def test_binding_probe_caption_edits_change_only_the_roles_or_one_digit():

@@ -13,7 +13,11 @@ Joint block (diffusers' `JointTransformerBlock`): each stream has its own adaLN-
 `add_q/k/v_proj` for the text stream); attention runs over the concatenation [image; text]; each stream adds its
 gated output projection (`to_out`, `to_add_out`) and gated MLP (`ff`, `ff_context`). A `context_pre_only` block
 modulates the text with AdaLayerNormContinuous and returns no text stream. Every modulation is zero-initialised
-(adaLN-Zero): at init each block is the identity on both streams.
+(adaLN-Zero): at init each block is the identity on both streams. `qk_norm` (off in the released MaskGen and by
+default) normalises each head's queries and keys with a learned RMSNorm before attention (diffusers'
+`qk_norm='rms_norm'`, parameters `norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`), which bounds the attention
+logits: on one token a cell (`fpd_jax.tools.layout_toy`) the demo's teacher without it drives them to hundreds, its
+softmax turns one-hot and it never learns where a named digit goes (README, Binding).
 
 Token layout: ids 0..K-1 are codebook entries, K is the mask token (as MaskGen's `mask_token_id`). The released
 table has `extra_embedding_rows` = 1001 more rows after the mask row (unused class ids kept for compatibility); only
@@ -88,6 +92,7 @@ class JointBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   context_pre_only: bool = False
+  qk_norm: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -103,9 +108,13 @@ class JointBlock(nn.Module):
           y, self.dim, 6, 'norm1_context', self.dtype)
       nc = _ln(c) * (1 + c_scale_msa) + c_shift_msa
     b, n, _ = x.shape
-    heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, self.dim // self.num_heads)
-    q = jnp.concatenate([heads(dense('to_q')(nx)), heads(dense('add_q_proj')(nc))], axis=1)
-    k = jnp.concatenate([heads(dense('to_k')(nx)), heads(dense('add_k_proj')(nc))], axis=1)
+    def heads(t, norm=None):
+      t = t.reshape(t.shape[0], t.shape[1], self.num_heads, self.dim // self.num_heads)
+      if self.qk_norm and norm:  # diffusers' qk_norm='rms_norm': RMSNorm over each head's channels.
+        t = nn.RMSNorm(epsilon=LN_EPS, dtype=self.dtype, name=norm)(t)
+      return t
+    q = jnp.concatenate([heads(dense('to_q')(nx), 'norm_q'), heads(dense('add_q_proj')(nc), 'norm_added_q')], 1)
+    k = jnp.concatenate([heads(dense('to_k')(nx), 'norm_k'), heads(dense('add_k_proj')(nc), 'norm_added_k')], 1)
     v = jnp.concatenate([heads(dense('to_v')(nx)), heads(dense('add_v_proj')(nc))], axis=1)
     attn = jax.nn.dot_product_attention(q, k, v).reshape(b, q.shape[1], self.dim)
     attn_x, attn_c = attn[:, :n], attn[:, n:]
@@ -135,6 +144,7 @@ class MaskGenTransformer(nn.Module):
   repa_dim: int = 0
   repa_layer: int = 1
   repa_hidden: int = 256
+  qk_norm: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -161,8 +171,8 @@ class MaskGenTransformer(nn.Module):
       raise ValueError('return_repa needs a model with repa_dim > 0.')
     projection = None
     for i in range(self.num_layers):
-      c, x = JointBlock(self.hidden_size, self.num_heads, self.mlp_ratio, i == self.num_layers - 1, self.dtype,
-                        name=f'blocks_{i}')(x, c, y)
+      c, x = JointBlock(self.hidden_size, self.num_heads, self.mlp_ratio, i == self.num_layers - 1, self.qk_norm,
+                        self.dtype, name=f'blocks_{i}')(x, c, y)
       if i == self.repa_layer and self.repa_dim and (return_repa or self.is_initializing()):
         projection = RepaProjector(self.repa_hidden, self.repa_dim, self.dtype, name='repa_projector')(x)
     scale, shift = modulation(y, self.hidden_size, 2, 'norm_out', self.dtype)
@@ -281,7 +291,7 @@ def from_config(cfg, conditioner, codebook_size: int, num_tokens: int, text_enco
                            micro_condition_dim=cfg.micro_condition_dim,
                            extra_embedding_rows=cfg.get('extra_embedding_rows', 0),
                            repa_dim=repa_dim if repa else 0, repa_layer=repa.layer if repa else 1,
-                           repa_hidden=repa.hidden if repa else 256, dtype=dtype)
+                           repa_hidden=repa.hidden if repa else 256, qk_norm=cfg.get('qk_norm', False), dtype=dtype)
   return MaskGenModel(net, conditioner, text_encoder, text_params, cfg.aesthetic_score)
 
 
