@@ -113,9 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.num_heads = 4
   c.teacher.mlp_ratio = 4.0
   # RMSNorm on each head's queries and keys (diffusers' qk_norm='rms_norm'). With one token a cell it is what lets the
-  # teacher learn positions (python -m fpd_jax.tools.layout_toy: position 0.84 against 0.3); on the demo's 16 tokens a
-  # cell, seed 0, 16 steps: 0.479 (FD 1.24) against 0.478 (1.27), position 0.06 both; 4 and 8 steps 0.345 / 0.434
-  # against 0.292 / 0.417; its student 0.415 (FD 1.21) against 0.403 (1.28). Off: binding did not move (README).
+  # teacher learn positions (python -m fpd_jax.tools.layout_toy: position 0.74-0.84 against 0.24-0.39); on 16 tokens a
+  # cell, 16 steps, seeds 0 / 1: 0.479 / 0.444 (FD 1.24 / 0.99) against 0.478 / 0.407 (1.27 / 1.11), position 0.06 /
+  # 0.09; students 0.415 / 0.337 (FD 1.21 / 1.01) against 0.403 / 0.330 (1.28 / 1.13). Off: binding did not move.
   c.teacher.qk_norm = False
   c.teacher.micro_condition_dim = 32  # Sinusoidal embedding of the aesthetic score (0 = no micro-condition).
   c.teacher.aesthetic_score = 6.0  # The micro-condition's value (MaskGen samples at 6.0; constant in the demo).
