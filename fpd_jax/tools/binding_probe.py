@@ -36,15 +36,12 @@ writes the numbers to `--out` (JSON) when given.
 
 import dataclasses
 import json
-import os
 
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
 from fpd_jax import mask_schedule
 from fpd_jax import sampling
@@ -208,11 +205,8 @@ def run(workdir: str, num: int, steps: int, seed: int, families: list[str], out:
   if num <= 0 or steps <= 0 or (text_num and text_num < 10):
     raise UserError(f'--num and --steps must be > 0 and --text_num 0 (no text probe) or >= 10 (got {num}, {steps}, '
                     f'{text_num}).')
-  export = os.path.join(workdir, 'teacher', 'export')
-  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export, 'the teacher')['config'])
-  if config.get('task') != 't2i':
-    raise UserError(f'{workdir} is not a text-to-image demo workdir (configs/t2i_demo.py); the probe needs its '
-                    'teacher, tokenizer and evaluation network.')
+  config = t2i_stage.demo_workdir_config(workdir, 'teacher', 'the teacher',
+                                        'the probe needs its teacher, tokenizer and evaluation network')
   parts = load(config, workdir)
   results = {f: probe(config, parts, f, num, steps, seed) for f in families}
   for f in families if text_num else ():

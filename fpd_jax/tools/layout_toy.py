@@ -19,7 +19,6 @@ numbers to `--out` (JSON) when given.
 """
 
 import json
-import os
 
 from absl import flags
 import jax
@@ -27,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fpd_jax import checkpoint as ckpt_lib
 from fpd_jax import cli
 from fpd_jax import conditioning as cond_lib
 from fpd_jax import sampling
@@ -44,19 +42,24 @@ COLOUR_FAMILIES = ('colors', 'color_attr')
 PROBE_CAPTIONS = ('a three to the left of a five', 'a five to the left of a three')
 
 
+def tokens_per_digit(colours: bool) -> int:
+  """Cell tokens of one digit: one per palette colour with `colours`, else one (digit d's start at 1 + d * this)."""
+  return NUM_COLOURS if colours else 1
+
+
 def layout_tokens(prompts: list, rng: np.random.Generator, colours: bool) -> np.ndarray:
   """One layout per prompt as 4 cell tokens `[B, 4]`: 0 empty, else 1 + digit (* 7 + colour with `colours`)."""
   rows = []
   for p in prompts:
     digits, cols = t2i.sample_layout(p, rng)
-    code = 1 + digits * NUM_COLOURS + cols if colours else 1 + digits
+    code = 1 + digits * tokens_per_digit(colours) + (cols if colours else 0)
     rows.append(np.where(digits == t2i.EMPTY, 0, code))
   return np.stack(rows).astype(np.int32)
 
 
 def cells_of_tokens(tokens: np.ndarray, colours: bool) -> tuple[np.ndarray, np.ndarray]:
   """(digits [B, 4] with EMPTY for empty cells, colours [B, 4]) of cell tokens (the inverse of `layout_tokens`)."""
-  stride = NUM_COLOURS if colours else 1
+  stride = tokens_per_digit(colours)
   digits = np.where(tokens == 0, t2i.EMPTY, (tokens - 1) // stride)
   return digits.astype(np.int32), np.where(tokens == 0, 0, (tokens - 1) % stride).astype(np.int32)
 
@@ -71,11 +74,7 @@ def run(workdir: str, steps: int, families: list[str], qk_norm: bool, colours: b
     raise UserError(f'--families={",".join(families)} names colours: add --colours (cell tokens then carry them).')
   if steps <= 0:
     raise UserError(f'--steps={steps} must be > 0.')
-  export = os.path.join(workdir, 'text_encoder', 'export')
-  config = ml_collections.ConfigDict(ckpt_lib.load_export_meta(export, 'the text encoder')['config'])
-  if config.get('task') != 't2i':
-    raise UserError(f'{workdir} is not a text-to-image demo workdir (configs/t2i_demo.py); the toy needs its text '
-                    'encoder.')
+  config = t2i_stage.demo_workdir_config(workdir, 'text_encoder', 'the text encoder', 'the toy needs its text encoder')
   cfg = ml_collections.ConfigDict(config.teacher.to_dict())
   cfg.qk_norm, cfg.mask_block_prob = qk_norm, 0.0
   if 'repa' in cfg:
@@ -83,7 +82,8 @@ def run(workdir: str, steps: int, families: list[str], qk_norm: bool, colours: b
   text, text_params = t2i_stage.load_text_encoder(config, workdir)
   tok = t2i_stage.text_tokenizer(config)
   conditioner = cond_lib.TextConditioner(bos_id=tok.bos_id, eos_id=tok.eos_id)
-  model = maskgen.from_config(cfg, conditioner, 1 + 10 * (NUM_COLOURS if colours else 1), 4, text, text_params)
+  stride = tokens_per_digit(colours)
+  model = maskgen.from_config(cfg, conditioner, 1 + 10 * stride, 4, text, text_params)
   tx = optim.make_optimizer(cfg, config.train.grad_clip)
   params = model.init(jax.random.key(seed), 4, jnp.zeros((1, config.text_encoder.context_length), jnp.int32))['params']
   state = {'step': 0, 'params': params, 'opt_state': tx.init(params)}
@@ -107,7 +107,6 @@ def run(workdir: str, steps: int, families: list[str], qk_norm: bool, colours: b
     scores[n] = geneval_lite.score(prompts, *cells_of_tokens(tokens, colours))
   probs = np.asarray(jax.nn.softmax(model.logits(state['params'], jnp.full((2, 4), model.mask_id, jnp.int32),
                                                  jnp.asarray(tok.encode(list(PROBE_CAPTIONS)))), -1))
-  stride = NUM_COLOURS if colours else 1
   digit_prob = lambda d: probs[..., 1 + d * stride: 1 + (d + 1) * stride].sum(-1)  # [2, 4]
   rounded = lambda row: [round(float(x), 3) for x in row]
   marginals = {c: {'three': rounded(digit_prob(3)[i]), 'five': rounded(digit_prob(5)[i])}

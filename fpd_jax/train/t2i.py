@@ -154,6 +154,16 @@ def run_text_encoder(config, workdir: str) -> dict:
   return {'steps': cfg.num_steps}
 
 
+def demo_workdir_config(workdir: str, stage: str, what: str, needs: str) -> ml_collections.ConfigDict:
+  """The config stored with `stage`'s export in a text-to-image demo workdir (`what` names it in errors); a workdir
+  of another task is a UserError saying the tool `needs` its parts."""
+  meta = ckpt_lib.load_export_meta(os.path.join(workdir, stage, 'export'), what)
+  config = ml_collections.ConfigDict(meta['config'])
+  if config.get('task') != 't2i':
+    raise UserError(f'{workdir} is not a text-to-image demo workdir (configs/t2i_demo.py); {needs}.')
+  return config
+
+
 def load_text_encoder(config, workdir: str):
   text = text_tower(config)
   target = jax.eval_shape(lambda: text.init(jax.random.key(0),
