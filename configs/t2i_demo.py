@@ -112,10 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.num_layers = 4  # The last block is context_pre_only.
   c.teacher.num_heads = 4
   c.teacher.mlp_ratio = 4.0
-  # RMSNorm on each head's queries and keys (diffusers' qk_norm='rms_norm'). With one token a cell it is what lets the
-  # teacher learn positions (python -m fpd_jax.tools.layout_toy: position 0.74-0.84 against 0.24-0.39); on 16 tokens a
-  # cell, 16 steps, seeds 0 / 1: 0.479 / 0.444 (FD 1.24 / 0.99) against 0.478 / 0.407 (1.27 / 1.11), position 0.06 /
-  # 0.09; students 0.415 / 0.337 (FD 1.21 / 1.01) against 0.403 / 0.330 (1.28 / 1.13). Off: binding did not move.
+  # RMSNorm on each head's queries and keys (diffusers' qk_norm='rms_norm'). With one token a cell and position
+  # captions alone it is what lets the teacher learn positions (python -m fpd_jax.tools.layout_toy: 0.74-0.88 against
+  # 0.24-0.39), not under the demo's caption mix (0.34-0.37, up to 6,000 steps). On 16 tokens a cell, 16 steps, seeds
+  # 0 / 1: 0.479 / 0.444 (FD 1.24 / 0.99) against 0.478 / 0.407 (1.27 / 1.11), position 0.06 / 0.09; students 0.415
+  # / 0.337 (FD 1.21 / 1.01) against 0.403 / 0.330 (1.28 / 1.13). Off: binding did not move.
   c.teacher.qk_norm = False
   c.teacher.micro_condition_dim = 32  # Sinusoidal embedding of the aesthetic score (0 = no micro-condition).
   c.teacher.aesthetic_score = 6.0  # The micro-condition's value (MaskGen samples at 6.0; constant in the demo).

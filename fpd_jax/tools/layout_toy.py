@@ -14,8 +14,11 @@ a five" and the inverted caption: a model that binds puts each digit on the side
 the two columns), one that does not gives every cell the same probabilities.
 
 The demo's real teacher draws each cell as 16 VQ tokens; this toy asks the same question of the same network with
-one token a cell, so a failure here is the architecture's or the training's, not the tokenizer's. Writes the
-numbers to `--out` (JSON) when given.
+one token a cell, so a failure here is the architecture's or the training's, not the tokenizer's. Measured on the
+demo's seed-0 workdir (README, Binding): with query/key norm it learns positions from position captions alone
+(0.74-0.88 at 4 steps) or with one other family (0.59-0.69), but not with colours in the tokens (0.32, 0.54) or
+more families in the mix (0.28-0.37). Repeating a family in `--families` draws it more often in training. Writes
+the numbers to `--out` (JSON) when given.
 """
 
 import json
