@@ -115,8 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # RMSNorm on each head's queries and keys (diffusers' qk_norm='rms_norm'). With one token a cell and position
   # captions alone it is what lets the teacher learn positions (python -m fpd_jax.tools.layout_toy: 0.74-0.88 against
   # 0.24-0.39), not under the demo's caption mix (0.34-0.37, up to 6,000 steps). On 16 tokens a cell, 16 steps, seeds
-  # 0 / 1: 0.479 / 0.444 (FD 1.24 / 0.99) against 0.478 / 0.407 (1.27 / 1.11), position 0.06 / 0.09; students 0.415
-  # / 0.337 (FD 1.21 / 1.01) against 0.403 / 0.330 (1.28 / 1.13). Off: binding did not move.
+  # 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 / 1.37) against 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11),
+  # position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 / 0.345 (FD 1.21 / 1.01 / 1.43) against 0.403 / 0.330 / 0.302
+  # (1.28 / 1.13 / 0.94). Off: binding did not move, and seed 2's FD is worse.
   c.teacher.qk_norm = False
   c.teacher.micro_condition_dim = 32  # Sinusoidal embedding of the aesthetic score (0 = no micro-condition).
   c.teacher.aesthetic_score = 6.0  # The micro-condition's value (MaskGen samples at 6.0; constant in the demo).
