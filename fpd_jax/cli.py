@@ -26,9 +26,12 @@ def run_user_command(fn: Callable[[], object], verbose: bool) -> None:
 
 def run_tool(define_flags: Callable[[], dict[str, flags.FlagHolder]], call: Callable[[dict], object],
              required: list[str]) -> None:
-  """The `__main__` of a tool: defines its flags (a `{name: holder}` dict with 'verbose'), marks `required`, and
-  runs `call({name: value})` as a user command (one-line errors, exit status 2)."""
+  """The `__main__` of a tool: defines its flags (a `{name: holder}` dict) and the common `--verbose`, marks
+  `required`, and runs `call({name: value})` as a user command (one-line errors, exit status 2)."""
   holders = define_flags()
+  module = define_flags.__module__  # Listed with the tool's own flags in --help (absl names __main__ by its file).
+  holders['verbose'] = flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.',
+                                         module_name=sys.argv[0] if module == '__main__' else module)
   flags.mark_flags_as_required(required)
 
   def main(argv):

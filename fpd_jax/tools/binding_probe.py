@@ -242,8 +242,7 @@ def _flags() -> dict:
           'families': flags.DEFINE_list('families', list(FAMILIES), 'Families to probe.'),
           'text_num': flags.DEFINE_integer('text_num', 3000, 'Prompts per family of the text-encoder probes '
                                            '(0 = skip them).'),
-          'out': flags.DEFINE_string('out', None, 'Optional JSON file for the numbers.'),
-          'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')}
+          'out': flags.DEFINE_string('out', None, 'Optional JSON file for the numbers.')}
 
 
 if __name__ == '__main__':

@@ -249,7 +249,6 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       'out': flags.DEFINE_string('out', None, 'Output directory (export/ + export_meta.json).'),
       'key': flags.DEFINE_string('key', None, "Entry of a nested .pth checkpoint to import (e.g. 'model')."),
       'overwrite': flags.DEFINE_bool('overwrite', False, 'Replace an existing output directory.'),
-      'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.'),
   }
 
 

@@ -380,7 +380,6 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
           'written to OUT/text_encoder, vision tower (visual.*, for the CLIP score) to OUT/clip_vision.'),
       'out': flags.DEFINE_string('out', None, 'Output directory (teacher/, tokenizer/, text_encoder/, clip_vision/).'),
       'overwrite': flags.DEFINE_bool('overwrite', False, 'Replace existing parts under OUT.'),
-      'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.'),
   }
 
 

@@ -222,7 +222,6 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       'out': flags.DEFINE_string(
           'out', None, 'Output directory; point config.teacher.pretrained and config.tokenizer.pretrained at it.'),
       'overwrite': flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT/teacher or OUT/tokenizer.'),
-      'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.'),
   }
 
 

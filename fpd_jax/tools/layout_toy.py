@@ -138,8 +138,7 @@ def _flags() -> dict:
           'colours': flags.DEFINE_bool('colours', False, 'Cell tokens carry the colour too (needed for colour '
                                        'families).'),
           'seed': flags.DEFINE_integer('seed', 0, 'Seed of the initialisation, data and sampling.'),
-          'out': flags.DEFINE_string('out', None, 'Optional JSON file for the numbers.'),
-          'verbose': flags.DEFINE_bool('verbose', False, 'Full tracebacks for errors.')}
+          'out': flags.DEFINE_string('out', None, 'Optional JSON file for the numbers.')}
 
 
 if __name__ == '__main__':
