@@ -397,14 +397,27 @@ def test_layout_toy_cell_tokens_round_trip_and_flag_errors():
     layout_toy.run('/nonexistent', 10, ['position', 'color_attr'], True)
   with pytest.raises(UserError, match='the text encoder not found'):
     layout_toy.run('/nonexistent', 10, ['position'], True)
+  with pytest.raises(UserError, match='--batch_size=0 must be > 0'):
+    layout_toy.run('/nonexistent', 10, ['position'], True, batch_size=0)
+
+
+def test_layout_toy_teacher_config_spans_the_toys_steps():
+  teacher = t2i_demo.get_config().teacher
+  teacher.repa.weight, teacher.mask_block_prob = 0.5, 0.5
+  cfg = layout_toy.toy_teacher_config(teacher, 6000, qk_norm=True, batch_size=256)
+  # The cosine schedule decays over the toy's own steps (not the demo teacher's 1,500), at the asked batch.
+  assert (cfg.num_steps, cfg.batch_size, cfg.qk_norm, cfg.mask_block_prob, cfg.repa.weight) == (6000, 256, True, 0, 0)
+  assert layout_toy.toy_teacher_config(teacher, 10, qk_norm=False).batch_size == teacher.batch_size
+  assert (teacher.num_steps, teacher.repa.weight) == (1500, 0.5)  # The workdir's config is left as it was.
 
 
 @pytest.mark.slow  # A diagnostic tool (~30 s on 2 cores on top of the tiny pipeline): the slow suite.
 def test_layout_toy_on_the_tiny_pipeline(tiny_t2i, tmp_path):
   _, workdir, _ = tiny_t2i
   out = tmp_path / 'toy.json'
-  result = layout_toy.run(workdir, 3, ['two_object', 'position'], qk_norm=True, out=str(out), log=lambda *a: None)
-  assert json.load(open(out)) == json.loads(json.dumps(result))
+  result = layout_toy.run(workdir, 3, ['two_object', 'position'], qk_norm=True, out=str(out), log=lambda *a: None,
+                          batch_size=6)
+  assert json.load(open(out)) == json.loads(json.dumps(result)) and result['batch_size'] == 6
   assert set(result['scores']) == {'1', '4'} and all(0 <= v <= 1 for s in result['scores'].values()
                                                         for v in s.values())
   for m in result['marginals'].values():
