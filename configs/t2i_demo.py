@@ -114,12 +114,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.mlp_ratio = 4.0
   # RMSNorm on each head's queries and keys (diffusers' qk_norm='rms_norm'). With one token a cell and position
   # captions alone it is what lets the teacher learn positions (python -m fpd_jax.tools.layout_toy: 0.74-0.88 against
-  # 0.24-0.39), not under the demo's caption mix at batch 64 (0.28-0.37 in 1,500 or 6,000 steps; at batch 256, in two
-  # trainings of three: 0.64 / 0.31 / 0.60). On 16 tokens a cell at batch 256 (seed 0): 0.519, FD 0.69, position still
-  # 0.08 (about 52 min of teacher stage). On 16 tokens a cell, 16 steps, seeds
-  # 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 / 1.37) against 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11),
-  # position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 / 0.345 (FD 1.21 / 1.01 / 1.43) against 0.403 / 0.330 / 0.302
-  # (1.28 / 1.13 / 0.94). Off: binding did not move, and seed 2's FD is worse.
+  # 0.24-0.39), not under the demo's caption mix at batch 64 (0.28-0.37 in 1,500 or 6,000 steps); at batch 256 it does
+  # under four families in two trainings of three (0.64 / 0.31 / 0.60; at 512 seed 1 too: 0.78), not under all six
+  # with colours (0.36, seed 0).
+  # On 16 tokens a cell at batch 256 (seed 0): 0.519, FD 0.69, position still 0.08 (about 52 min of teacher stage). On
+  # 16 tokens a cell at batch 64, 16 steps, seeds 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 / 1.37) against
+  # 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11), position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 / 0.345 (FD 1.21 /
+  # 1.01 / 1.43) against 0.403 / 0.330 / 0.302 (1.28 / 1.13 / 0.94). Off: binding did not move, and seed 2's FD is
+  # worse.
   c.teacher.qk_norm = False
   c.teacher.micro_condition_dim = 32  # Sinusoidal embedding of the aesthetic score (0 = no micro-condition).
   c.teacher.aesthetic_score = 6.0  # The micro-condition's value (MaskGen samples at 6.0; constant in the demo).
