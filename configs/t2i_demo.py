@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # captions alone it is what lets the teacher learn positions (python -m fpd_jax.tools.layout_toy: 0.74-0.88 against
   # 0.24-0.39), not under the demo's caption mix at batch 64 (0.28-0.37 in 1,500 or 6,000 steps); at batch 256 it does
   # under four families in two trainings of three (0.64 / 0.31 / 0.60; at 512 seed 1 too: 0.78), not under all six
-  # with colours (0.36, seed 0).
+  # with colours (0.36 at 256, 0.37 at 512; seed 0).
   # On 16 tokens a cell at batch 256 (seed 0): 0.519, FD 0.69, position still 0.08 (about 52 min of teacher stage). On
   # 16 tokens a cell at batch 64, 16 steps, seeds 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 / 1.37) against
   # 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11), position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 / 0.345 (FD 1.21 /
