@@ -66,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # teacher 0.414 vs 0.254 (single 0.84, counting 0.83, two objects 0.08), but FD 4.27 vs 1.86 (300 text-encoder
   # steps); with 1000: 0.447 vs 0.413 (two objects 0.10 vs 0.17), FD 1.90 vs 0.94. Whole demo, seeds 0-2: 16-step
   # teacher 0.482 +- 0.025 vs 0.430 +- 0.041 (FD 1.67-3.05 vs 1.11-1.27), student 0.436 +- 0.036 vs 0.345 +- 0.052,
-  # 0.90 +- 0.04x its teacher's score (0.80 +- 0.05x) but FD 2.77 / 1.27 / 0.80x its teacher's (README: its student
-  # draws a digit wherever its input noise holds a random code).
+  # 0.90 +- 0.04x its teacher's score (0.80 +- 0.05x) but FD 2.77 / 1.27 / 0.80x its teacher's
+  # (docs/t2i_experiments.md: its student draws a digit wherever its input noise holds a random code).
   c.tokenizer.tiles_per_side = 1
   c.tokenizer.num_steps = 1200
   c.tokenizer.batch_size = 64
@@ -117,11 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0.24-0.39), not under the demo's caption mix at batch 64 (0.28-0.37 in 1,500 or 6,000 steps); at batch 256 it does
   # under four families in two trainings of three (0.64 / 0.31 / 0.60; at 512 seed 1 too: 0.78), not under all six
   # with colours (0.36 at 256, 0.37 at 512; seed 0).
-  # On 16 tokens a cell at batch 256 (seed 0): 0.519, FD 0.69, position still 0.08 (about 52 min of teacher stage). On
-  # 16 tokens a cell at batch 64, 16 steps, seeds 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 / 1.37) against
-  # 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11), position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 / 0.345 (FD 1.21 /
-  # 1.01 / 1.43) against 0.403 / 0.330 / 0.302 (1.28 / 1.13 / 0.94). Off: binding did not move, and seed 2's FD is
-  # worse.
+  # On 16 tokens a cell at batch 256 (seed 0): 0.519, FD 0.69, position still 0.08 (about 52 min of teacher stage);
+  # trained on position captions alone (batch 64, seed 0): position 0.06, its loss the same with the relation
+  # inverted. On 16 tokens a cell at batch 64, 16 steps, seeds 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 /
+  # 1.37) against 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11), position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 /
+  # 0.345 (FD 1.21 / 1.01 / 1.43) against 0.403 / 0.330 / 0.302 (1.28 / 1.13 / 0.94). Off: binding did not move, and
+  # seed 2's FD is worse.
   c.teacher.qk_norm = False
   c.teacher.micro_condition_dim = 32  # Sinusoidal embedding of the aesthetic score (0 = no micro-condition).
   c.teacher.aesthetic_score = 6.0  # The micro-condition's value (MaskGen samples at 6.0; constant in the demo).
@@ -130,7 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.mask_schedule = 'arccos'  # gamma(r) of the training masks (MaskGen: arccos).
   c.teacher.mask_block_size = 4  # Block side (tokens) of block masking: 4 = one cell (fpd_jax/mask_schedule.py).
   # Share of training rows masked by whole blocks instead of tokens (not MaskGen's). 0.5 (seed 0): 16-step teacher
-  # 0.451 vs 0.429, binding families unchanged (two objects 0.19, position 0.06); infills never empty (README).
+  # 0.451 vs 0.429, binding families unchanged (two objects 0.19, position 0.06); infills never empty
+  # (docs/t2i_experiments.md).
   # With repa.weight=0.5 (seed 0): 0.510 vs 0.506, FD 0.86 vs 1.05, two objects 0.29 vs 0.36.
   c.teacher.mask_block_prob = 0.0
   # Initial rows of the token table (tied to the head): 'random' (MaskGen's) or 'codebook' (the tokenizer's code
@@ -240,9 +242,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 4,500-step seed-0 teacher 0.530 (FD 1.25) against 0.452 (FD 5.42) and 0.533 (FD 0.74). 9.0 against 4.5 on the
   # default seed-0 teacher: 0.503 (FD 0.86) against 0.478 (FD 1.27); on the REPA teachers of seeds 0 / 1 / 2:
   # 0.516 / 0.467 / 0.454 (FD 0.81 / 0.94 / 0.81) against 0.506 / 0.466 / 0.449 (FD 1.05 / 1.00 / 0.85); the
-  # layout-REPA one (README, Binding) 0.496 (FD 0.86) against 0.500 (1.10); the tiled tokenizer's, seeds 0 / 1:
-  # 0.513 / 0.462 (FD 1.80 / 2.06) against 0.511 / 0.472 (FD 1.67 / 2.39). Not yet the default: the README's
-  # tables were measured with 4.5 (README: the teacher's sampler).
+  # layout-REPA one (docs/t2i_experiments.md, Binding) 0.496 (FD 0.86) against 0.500 (1.10); the tiled tokenizer's,
+  # seeds 0 / 1: 0.513 / 0.462 (FD 1.80 / 2.06) against 0.511 / 0.472 (FD 1.67 / 2.39). Not yet the default: the
+  # README's tables were measured with 4.5 (docs/t2i_experiments.md: the teacher's sampler).
   c.sampling.choice_temperature = 4.5
   c.sampling.cfg_scale = 2.0  # Text CFG w in (1+w)*cond - w*uncond (0 disables).
   c.sampling.cfg_schedule = 'cosine'  # 'cosine' (MaskGen's ramp to w at the last step) or 'constant'.

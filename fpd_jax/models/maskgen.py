@@ -19,7 +19,8 @@ default) normalises each head's queries and keys with a learned RMSNorm before a
 logits: on one token a cell (`fpd_jax.tools.layout_toy`) the demo's teacher without it drives them to hundreds, its
 softmax turns nearly one-hot and it does not learn to lay out a position caption; with it, it does when trained on
 position captions alone, and under four of the demo's six caption families only at 4-8x its batch (not under all
-six at 4x or 8x; the real teacher at 4x does not either: README, Binding).
+six at 4x or 8x). The real teacher (16 tokens a cell) does not, at 4x its batch nor on position captions alone
+(docs/t2i_experiments.md, Binding).
 
 Token layout: ids 0..K-1 are codebook entries, K is the mask token (as MaskGen's `mask_token_id`). The released
 table has `extra_embedding_rows` = 1001 more rows after the mask row (unused class ids kept for compatibility); only
