@@ -118,9 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # under four families in two trainings of three (0.64 / 0.31 / 0.60; at 512 seed 1 too: 0.78), not under all six
   # with colours (0.36 at 256, 0.37 at 512; seed 0).
   # On 16 tokens a cell at batch 256 (seed 0): 0.519, FD 0.69, position still 0.08 (about 52 min of teacher stage);
-  # trained on position captions alone (batch 64, seed 0): position 0.06, its loss the same with the relation
-  # inverted. On 16 tokens a cell at batch 64, 16 steps, seeds 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99 /
-  # 1.37) against 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11), position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 /
+  # trained on position captions alone (seed 0): position 0.06 at batch 64, 0.23 at 256, its loss the same with the
+  # relation inverted. On 16 tokens a cell at batch 64, 16 steps, seeds 0 / 1 / 2: 0.479 / 0.444 / 0.433 (FD 1.24 / 0.99
+  # / 1.37) against 0.478 / 0.407 / 0.405 (1.27 / 1.11 / 1.11), position 0.06 / 0.09 / 0.08; students 0.415 / 0.337 /
   # 0.345 (FD 1.21 / 1.01 / 1.43) against 0.403 / 0.330 / 0.302 (1.28 / 1.13 / 0.94). Off: binding did not move, and
   # seed 2's FD is worse.
   c.teacher.qk_norm = False

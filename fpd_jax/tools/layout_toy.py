@@ -14,14 +14,14 @@ and prints its per-cell probabilities of the two named digits with every cell ma
 a five" and the inverted caption: a model that binds puts each digit on the side the caption names (0.5 and 0 on
 the two columns), one that does not gives every cell the same probabilities.
 
-The demo's real teacher draws each cell as 16 VQ tokens; this toy asks the same question of the same network with
-one token a cell, so a failure here is the architecture's or the training's, not the tokenizer's. Measured on the
-demo's seed-0 workdir (docs/t2i_experiments.md, Binding): with query/key norm it learns positions from position
-captions alone (0.74-0.88 at 4 steps; the real teacher trained on them alone does not: 0.06) or with one other
-family (0.59-0.69), but not with colours in the tokens (0.32, 0.54) or more families in the mix (0.28-0.37) at the
-demo's batch of 64; at 4x the batch it learns them under four families in two trainings of three (0.64, 0.31,
-0.60), at 8x in the third too (0.78). Repeating a family in `--families`
-draws it more often in training. Writes the numbers to `--out` (JSON) when given.
+The demo's real teacher draws each cell as 16 VQ tokens; this toy asks the same question of the same network with one
+token a cell, so a failure here is the architecture's or the training's, not the tokenizer's. Measured on the demo's
+seed-0 workdir (docs/t2i_experiments.md, Binding): with query/key norm it learns positions from position captions
+alone (0.74-0.88 at 4 steps; the real teacher trained on them alone does not: 0.06, 0.23 at 4x the batch) or with one
+other family (0.59-0.69), but not with colours in the tokens (0.32, 0.54) or more families in the mix (0.28-0.37) at
+the demo's batch of 64; at 4x the batch it learns them under four families in two trainings of three (0.64, 0.31,
+0.60), at 8x in the third too (0.78). Repeating a family in `--families` draws it more often in training. Writes the
+numbers to `--out` (JSON) when given.
 """
 
 import json
