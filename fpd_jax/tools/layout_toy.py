@@ -20,8 +20,9 @@ seed-0 workdir (docs/t2i_experiments.md, Binding): with query/key norm it learns
 alone (0.74-0.88 at 4 steps; the real teacher trained on them alone does not: 0.06, 0.23 at 4x the batch) or with one
 other family (0.59-0.69), but not with colours in the tokens (0.32, 0.54) or more families in the mix (0.28-0.37) at
 the demo's batch of 64; at 4x the batch it learns them under four families in two trainings of three (0.64, 0.31,
-0.60), at 8x in the third too (0.78). Repeating a family in `--families` draws it more often in training. Writes the
-numbers to `--out` (JSON) when given.
+0.60), at 8x in the third too (0.78). Repeating a family in `--families` draws it more often in training. With each
+cell's token repeated over its 16 positions of an 8x8 grid, as the real teacher's, it does not learn them from
+position captions alone either (docs/t2i_experiments.md). Writes the numbers to `--out` (JSON) when given.
 """
 
 import json
