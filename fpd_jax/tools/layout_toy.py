@@ -22,7 +22,8 @@ other family (0.59-0.69), but not with colours in the tokens (0.32, 0.54) or mor
 the demo's batch of 64; at 4x the batch it learns them under four families in two trainings of three (0.64, 0.31,
 0.60), at 8x in the third too (0.78). Repeating a family in `--families` draws it more often in training. With each
 cell's token repeated over its 16 positions of an 8x8 grid, as the real teacher's, it does not learn them from
-position captions alone either (docs/t2i_experiments.md). Writes the numbers to `--out` (JSON) when given.
+position captions alone either, unless every row is masked by whole cells and a cell's tokens share one position row
+(each cell one decision again; docs/t2i_experiments.md). Writes the numbers to `--out` (JSON) when given.
 """
 
 import json
