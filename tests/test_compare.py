@@ -37,6 +37,22 @@ def test_parse_setting_and_bad_settings():
   assert config.distill.method == 'fpd'  # The base config is untouched.
 
 
+@pytest.mark.parametrize('get_config', [demo.get_config, t2i_demo.get_config], ids=['demo', 't2i_demo'])
+def test_every_tuning_setting_of_the_real_configs_applies(get_config):
+  config = get_config()
+  for method in ('fpd', 'dimo'):
+    settings = config.compare[f'tune_{method}']
+    assert 1 <= len(settings) <= 4
+    for setting in settings:
+      cfg = compare.method_config(config, method, compare.parse_setting(setting), 0)
+      assert cfg.distill.method == method
+  # The text demo's Di[M]O default is its first tuning setting (the one --tune chose), so the README's table runs
+  # are the untuned ones.
+  if get_config is t2i_demo.get_config:
+    first = compare.parse_setting(config.compare.tune_dimo[0])
+    assert {k: config.distill.dimo[k.split('.')[1]] for k in first} == first
+
+
 @pytest.mark.slow  # About 5 minutes on 2 cores; run with -m slow.
 def test_tiny_compare_with_tuning_writes_tables_and_plot(tmp_path):
   args = [sys.executable, '-m', 'fpd_jax.compare', '--config=configs/demo.py:tiny', f'--workdir={tmp_path}',
