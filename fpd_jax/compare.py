@@ -330,6 +330,12 @@ def select_by(config, metrics) -> str:
   return key
 
 
+def leaves_distill_as_is(config, method: str, overrides: dict) -> bool:
+  """Whether `overrides` leave `config.distill` of `method` as the config has it (its runs are the untuned ones)."""
+  return (method_config(config, method, overrides, 0).distill.to_dict() ==
+          method_config(config, method, {}, 0).distill.to_dict())
+
+
 def tune(comp: Comparison, config) -> tuple[dict, dict]:
   """Tries each method's settings on the tuning seeds; returns ({method: (index, overrides, run suffix)}, what was
   tried). The suffix of the report's run names is '' when the chosen overrides leave `config.distill` unchanged
@@ -352,8 +358,7 @@ def tune(comp: Comparison, config) -> tuple[dict, dict]:
       print(f'[compare] {method} setting {i} {overrides}: mean {LABELS[key]} {np.mean(values):.3f}')
     sign = 1 if key in LOWER_IS_BETTER else -1
     best = min(rows, key=lambda r: sign * r[key]['mean'])
-    unchanged = (method_config(config, method, best['overrides'], 0).distill.to_dict() ==
-                 method_config(config, method, {}, 0).distill.to_dict())
+    unchanged = leaves_distill_as_is(config, method, best['overrides'])
     chosen[method] = (best['setting'], best['overrides'], '' if unchanged else f'_set{best["setting"]}')
     tried[method] = rows
   return chosen, tried
